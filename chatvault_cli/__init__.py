@@ -1,0 +1,1 @@
+"""The ``chatvault`` operator CLI."""

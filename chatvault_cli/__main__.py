@@ -1,0 +1,3 @@
+from chatvault_cli.main import main
+
+main()

@@ -1,0 +1,3 @@
+"""ChatVault: an observable, OpenAI-compatible LLM gateway."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,175 @@
+"""The OpenAI-compatible HTTP surface: thin handlers over ``Gateway``.
+
+Each handler authenticates, reads and validates the body, and hands the work to the
+gateway; every failure after authentication is still accounted for in the ledger.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from daemon.errors import GatewayError, InvalidRequest, NotFound, error_response
+from daemon.gateway import Gateway
+from daemon.providers.base import StreamInfo, UpstreamCall
+from daemon.requests import parse_chat, parse_embeddings, parse_json_object, read_body
+from daemon.streaming import EventStreamResponse
+
+JSON = "application/json"
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+def request_id(request: Request) -> str:
+    rid: str = request.scope["state"]["request_id"]
+    return rid
+
+
+def _json(payload: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(payload), media_type=JSON, headers=headers)
+
+
+async def _model_request(request: Request, operation: str) -> Response:
+    gw = _gateway(request)
+    assert gw.auth is not None
+    principal = await gw.auth.authenticate(request.headers.get("authorization"))
+    usage = gw.new_usage(request_id(request), principal, operation)
+    request.scope["state"]["usage"] = usage
+    try:
+        body = parse_json_object(await read_body(request, gw.settings.server.max_body_bytes))
+        if operation == "chat":
+            params = parse_chat(body)
+            model, stream = params.model, params.stream
+        else:
+            model, stream = parse_embeddings(body), False
+        usage.model, usage.stream = model, stream
+        usage.known_model = gw.router.knows(model)
+        gw.check_accepting()
+        plan = gw.router.plan(model)
+        principal.require_model(model)
+        decision = await gw.admit(principal)
+        headers = dict(decision.headers)
+        call = UpstreamCall(operation=operation, body=body, stream=stream)
+        if not stream:
+            reply = await gw.complete(plan, call, usage)
+            gw.finish(usage)
+            return Response(reply.body, media_type=JSON, headers=headers)
+        # Ask upstream for usage even when the client did not, to count tokens; the
+        # relay drops that extra chunk again.
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        info = StreamInfo()
+        events = await gw.open_stream(plan, call, usage, info)
+    except BaseException as exc:  # every authenticated request leaves a ledger row
+        gw.fail(usage, exc)
+        raise
+    return EventStreamResponse(gw.relay(events, info, usage, params.include_usage), headers)
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _model_request(request, "chat")
+
+
+async def embeddings(request: Request) -> Response:
+    return await _model_request(request, "embeddings")
+
+
+def _model_entry(gw: Gateway, name: str) -> dict[str, Any]:
+    owner = next(d.provider_name for d in gw.router.deployments if d.name == name)
+    return {
+        "id": name,
+        "object": "model",
+        "created": int(gw.lifecycle.started_at),
+        "owned_by": owner,
+    }
+
+
+async def list_models(request: Request) -> Response:
+    gw = _gateway(request)
+    assert gw.auth is not None
+    principal = await gw.auth.authenticate(request.headers.get("authorization"))
+    data = [_model_entry(gw, name) for name in gw.router.names if principal.may_use(name)]
+    return _json({"object": "list", "data": data})
+
+
+async def retrieve_model(request: Request) -> Response:
+    gw = _gateway(request)
+    assert gw.auth is not None
+    principal = await gw.auth.authenticate(request.headers.get("authorization"))
+    name = request.path_params["model"]
+    if not gw.router.knows(name) or not principal.may_use(name):
+        raise NotFound(f"The model '{name}' does not exist.", param="model", code="model_not_found")
+    return _json(_model_entry(gw, name))
+
+
+async def livez(request: Request) -> Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    gw = _gateway(request)
+    lifecycle = gw.lifecycle
+    if lifecycle.state == "ready" and lifecycle.pending_warmups:
+        state = "starting"
+    else:
+        state = lifecycle.state
+    ready = state == "ready"
+    return Response(
+        orjson.dumps({"status": "ready" if ready else state}),
+        status_code=200 if ready else 503,
+        media_type=JSON,
+    )
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
+        Route("/livez", livez, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+    ]
+
+
+# -- errors, mapped once -------------------------------------------------------
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    return error_response(exc)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # Starlette answers this one outside every middleware, so the id is added here.
+    response = error_response(exc)
+    rid = request.scope.get("state", {}).get("request_id")
+    if rid:
+        response.headers["x-request-id"] = rid
+    return response
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        error: GatewayError = NotFound(f"Unknown request URL: {request.method} {request.url.path}.")
+    elif exc.status_code == 405:
+        error = InvalidRequest(f"Method {request.method} is not allowed on {request.url.path}.")
+        error.status_code = 405
+    else:
+        error = InvalidRequest(str(exc.detail))
+        error.status_code = exc.status_code
+    return await _gateway_error(request, error)
+
+
+exception_handlers = {
+    GatewayError: _gateway_error,
+    HTTPException: _http_error,
+    Exception: _internal_error,  # anything unexpected: a generic 500, never a traceback
+}

@@ -1,0 +1,70 @@
+"""The app factory. Nothing happens at import; every resource lives in the lifespan.
+
+    app = create_app(load_config(Path("config.yaml")))
+    uvicorn.run(app)
+
+Edges are injected, so tests need no monkeypatching: ``transport`` (the upstream HTTP
+transport, e.g. ``httpx.MockTransport``), ``clock`` (wall time for limits and
+timestamps), ``environ`` (upstream keys, admin key, OTEL_* variables).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+
+import httpx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+
+from daemon import api
+from daemon.config import Settings
+from daemon.context import RequestContextMiddleware
+from daemon.gateway import Gateway
+from daemon.ledger.base import Store
+from daemon.limits import Limiter
+
+
+def create_app(
+    settings: Settings,
+    *,
+    environ: Mapping[str, str] | None = None,
+    clock: Callable[[], float] = time.time,
+    transport: httpx.AsyncBaseTransport | None = None,
+    store: Store | None = None,
+    limiter: Limiter | None = None,
+) -> Starlette:
+    gateway = Gateway(
+        settings,
+        environ=os.environ if environ is None else environ,
+        clock=clock,
+        transport=transport,
+        store=store,
+        limiter=limiter,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    middleware = [
+        Middleware(
+            RequestContextMiddleware,
+            header=settings.server.request_id_header,
+            access_log=settings.server.access_log,
+        ),
+    ]
+    app = Starlette(
+        routes=api.routes(),
+        middleware=middleware,
+        exception_handlers=api.exception_handlers,  # type: ignore[arg-type]
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,289 @@
+"""Settings: the validated form of config.yaml.
+
+The file is read and validated once, at start. Every error names the path of the
+bad key (``models[1].api_base: not a URL``) so an operator can fix it without
+reading a traceback. Relative paths resolve against the config file's folder, so a
+config works the same whatever the current directory is.
+
+    settings = load_config(Path("config.yaml"), os.environ)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+# Providers served without litellm. Everything else is a litellm provider name.
+NATIVE_PROVIDERS = frozenset({"mock", "openai", "ollama"})
+USER_TYPES = ("standard", "service", "admin")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the bad key."""
+
+
+def _url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not a URL")
+    return value.rstrip("/")
+
+
+def _env_name(value: str) -> str:
+    if not value or not value.replace("_", "").isalnum() or value[0].isdigit():
+        raise ValueError("not an environment variable name")
+    return value
+
+
+HttpUrl = Annotated[str, AfterValidator(_url)]
+EnvName = Annotated[str, AfterValidator(_env_name)]
+Positive = Annotated[float, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos more often than not: reject them with their path.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Pricing(_Strict):
+    input_per_million: float = Field(ge=0)
+    output_per_million: float = Field(ge=0)
+    cached_input_per_million: float | None = Field(default=None, ge=0)
+
+
+class MockOptions(_Strict):
+    """Behaviour of the in-process mock provider (tests, demos, benchmarks)."""
+
+    reply: str | None = None  # fixed reply text; default: a deterministic echo
+    latency_s: float = Field(default=0.0, ge=0)  # before the first byte
+    chunk_delay_s: float = Field(default=0.0, ge=0)  # between streamed words
+    embedding_dimensions: int = Field(default=8, gt=0, le=4096)
+
+
+class ModelConfig(_Strict):
+    name: str = Field(min_length=1)
+    provider: str = Field(min_length=1)
+    model: str | None = None
+    api_base: HttpUrl | None = None
+    api_key_env: EnvName | None = None
+    pricing: Pricing | None = None
+    timeout_s: Positive | None = None
+    mock: MockOptions = MockOptions()
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.provider != "mock" and not self.model:
+            raise ValueError(f"model: required for provider {self.provider!r}")
+        if self.provider in ("openai", "ollama") and not self.api_base:
+            raise ValueError(f"api_base: required for provider {self.provider!r}")
+        return self
+
+    @property
+    def upstream_model(self) -> str:
+        return self.model or self.name
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    drain_timeout_s: Positive = 30.0
+    request_id_header: str = "x-request-id"
+    access_log: bool = True
+
+
+class LedgerConfig(_Strict):
+    # sqlite:///relative/or/absolute/path.db, or postgresql://user@host/db
+    url: str = "sqlite:///data/chatvault.db"
+    batch_size: int = Field(default=500, gt=0)
+    flush_interval_s: Positive = 0.2
+    max_queue: int = Field(default=100_000, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> LedgerConfig:
+        scheme = self.url.split("://", 1)[0]
+        if scheme not in ("sqlite", "postgresql", "postgres") or "://" not in self.url:
+            raise ValueError("url: expected sqlite:///path or postgresql://...")
+        return self
+
+
+class AuthConfig(_Strict):
+    admin_key_env: EnvName = "CHATVAULT_ADMIN_KEY"
+    refresh_interval_s: Positive = 1.0  # how soon new and revoked keys take effect
+
+
+class LimitsConfig(_Strict):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    budget_retry_after_s: int = Field(default=3600, gt=0)
+
+
+class UpstreamConfig(_Strict):
+    timeout_s: Positive = 120.0
+    connect_timeout_s: Positive = 5.0
+    max_connections: int = Field(default=512, gt=0)
+    max_attempts: int = Field(default=2, ge=1, le=10)
+
+
+class MetricsConfig(_Strict):
+    enabled: bool = True
+    require_auth: bool = True
+    business_refresh_s: Positive = 30.0
+
+
+class TracingConfig(_Strict):
+    enabled: bool = True
+    endpoint: str = "http://localhost:4317"
+    protocol: Literal["grpc", "http/protobuf"] = "grpc"
+    headers: dict[str, str] = {}
+    service_name: str = "chatvault"
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+    capture_content: bool = False
+    user_id_header: str | None = "x-user-id"
+    export_timeout_s: Positive = 5.0
+    max_queue_size: int = Field(default=2048, gt=0)
+
+
+class HealthConfig(_Strict):
+    probe_interval_s: Positive = 30.0
+    probe_timeout_s: Positive = 2.0
+    failure_threshold: int = Field(default=3, gt=0)  # consecutive upstream failures -> model down
+
+
+class MonitoringConfig(_Strict):
+    metrics: MetricsConfig = MetricsConfig()
+    tracing: TracingConfig = TracingConfig()
+    health: HealthConfig = HealthConfig()
+
+
+class Settings(_Strict):
+    server: ServerConfig = ServerConfig()
+    data_dir: Path = Path("data")
+    ledger: LedgerConfig = LedgerConfig()
+    auth: AuthConfig = AuthConfig()
+    limits: LimitsConfig = LimitsConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    models: list[ModelConfig] = Field(min_length=1)
+    monitoring: MonitoringConfig = MonitoringConfig()
+    # Where the settings came from; set by load_config, shown by /health.
+    source: Path | None = None
+
+    @model_validator(mode="after")
+    def _unique_deployments(self) -> Settings:
+        seen: set[tuple[str, str, str | None, str | None]] = set()
+        for index, model in enumerate(self.models):
+            ident = (model.name, model.provider, model.model, model.api_base)
+            if ident in seen:
+                raise ValueError(f"models[{index}]: duplicate of an earlier entry")
+            seen.add(ident)
+        return self
+
+    @property
+    def state_file(self) -> Path:
+        return self.data_dir / "state.json"
+
+
+def _format_location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        loc = _format_location(tuple(p for p in item["loc"] if p not in ("function-after",)))
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "required"
+        # A model-level validator names the key itself ("model: required ...").
+        if ": " in message and item["type"] == "value_error" and not message.startswith("not "):
+            key, _, rest = message.partition(": ")
+            if key.isidentifier():
+                loc = f"{loc}.{key}" if loc else key
+                message = rest
+        lines.append(f"{loc}: {message}" if loc else message)
+    return "\n".join(lines)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    data_dir = Path(raw.get("data_dir") or "data")
+    raw["data_dir"] = data_dir if data_dir.is_absolute() else base / data_dir
+    ledger = raw.get("ledger")
+    if isinstance(ledger, dict) and isinstance(ledger.get("url"), str):
+        url: str = ledger["url"]
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            ledger["url"] = "sqlite:///" + str(base / url.removeprefix("sqlite:///"))
+
+
+def parse_config(raw: object, *, base: Path, source: Path | None = None) -> Settings:
+    """Validate an already-parsed config mapping. Raises ConfigError."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("the top level must be a mapping of keys")
+    raw = dict(raw)
+    _resolve_paths(raw, base)
+    if source is not None:
+        raw["source"] = source
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate a config file. Raises ConfigError with the bad key's path.
+
+    ``environ`` supplies overrides: CHATVAULT_HOST, CHATVAULT_PORT, CHATVAULT_LEDGER_URL.
+    """
+    environ = os.environ if environ is None else environ
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} not valid YAML") from None
+    if isinstance(raw, dict):
+        _apply_environ(raw, environ)
+    try:
+        return parse_config(raw, base=path.resolve().parent, source=path.resolve())
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    server = raw.setdefault("server", {}) if isinstance(raw.get("server", {}), dict) else None
+    if server is not None:
+        if "CHATVAULT_HOST" in environ:
+            server["host"] = environ["CHATVAULT_HOST"]
+        if "CHATVAULT_PORT" in environ:
+            server["port"] = environ["CHATVAULT_PORT"]
+    if "CHATVAULT_LEDGER_URL" in environ:
+        ledger = raw.setdefault("ledger", {})
+        if isinstance(ledger, dict):
+            ledger["url"] = environ["CHATVAULT_LEDGER_URL"]

@@ -1,0 +1,340 @@
+"""The gateway's resources and its request pipeline, independent of HTTP routing.
+
+``Gateway`` owns everything with a lifetime (store, ledger writer, key cache, limiter,
+upstream client, providers) and opens and closes it from the app's lifespan. The
+handlers in ``api.py`` stay thin: they read the request and call ``admit``,
+``complete``, ``open_stream`` and ``finish`` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Literal
+
+import httpx
+
+from daemon.auth import Authenticator, Principal
+from daemon.config import Settings
+from daemon.errors import (
+    BudgetExceeded,
+    GatewayError,
+    RateLimited,
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+    as_gateway_error,
+    sse_error_event,
+)
+from daemon.keys import hash_key
+from daemon.ledger import open_store
+from daemon.ledger.base import Store
+from daemon.ledger.writer import LedgerWriter, SpendBook
+from daemon.limits import Decision, Limiter, MemoryLimiter
+from daemon.pricing import cost_usd, litellm_cost_map, needs_cost_map, price_for
+from daemon.providers import build_provider, upstream_key
+from daemon.providers.base import Provider, Reply, StreamInfo, UpstreamCall
+from daemon.providers.litellm_provider import LiteLLMProvider
+from daemon.providers.sse import observe
+from daemon.router import Deployment, Router
+from daemon.state import AdminKey, ensure_admin_key
+from daemon.usage import Usage
+
+log = logging.getLogger("chatvault.gateway")
+
+State = Literal["starting", "ready", "draining", "stopped"]
+
+
+class Lifecycle:
+    """Where the process is in its life; /readyz and new requests read it."""
+
+    def __init__(self) -> None:
+        self.state: State = "starting"
+        self.started_at = time.time()
+        self.pending_warmups = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready" and self.pending_warmups == 0
+
+    def begin_drain(self) -> None:
+        if self.state in ("starting", "ready"):
+            self.state = "draining"
+
+
+def _retryable(exc: GatewayError) -> bool:
+    """May the next deployment be tried? Only when this one surely did no work."""
+    if isinstance(exc, UpstreamTimeout):
+        return False  # it may still be generating, and billing
+    if isinstance(exc, UpstreamError):
+        return True
+    return isinstance(exc, RateLimited) and exc.code == "upstream_rate_limited"
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        environ: Mapping[str, str],
+        clock: Callable[[], float] = time.time,
+        transport: httpx.AsyncBaseTransport | None = None,
+        store: Store | None = None,
+        limiter: Limiter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.environ = environ
+        self.clock = clock
+        self.lifecycle = Lifecycle()
+        self._transport = transport
+        self.store: Store = store or open_store(settings.ledger.url)
+        self.spend = SpendBook()
+        self.writer = LedgerWriter(
+            self.store,
+            batch_size=settings.ledger.batch_size,
+            flush_interval_s=settings.ledger.flush_interval_s,
+            max_queue=settings.ledger.max_queue,
+            observers=[self.spend],
+        )
+        self.limiter: Limiter = limiter or MemoryLimiter()
+        self.admin_key: AdminKey | None = None
+        self.auth: Authenticator | None = None
+        self.http: httpx.AsyncClient | None = None
+        self.router = Router([])
+        self._stack = contextlib.AsyncExitStack()
+
+    # -- lifetime --------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        try:
+            self.admin_key = ensure_admin_key(s.state_file, s.auth.admin_key_env, self.environ)
+            await self.store.open()
+            self._stack.push_async_callback(self.store.close)
+            await self.writer.start()
+            self._stack.push_async_callback(self.writer.close)
+            self.auth = Authenticator(
+                self.store,
+                admin_key_hash=hash_key(self.admin_key.key),
+                clock=self.clock,
+                spend=self.spend,
+                refresh_interval_s=s.auth.refresh_interval_s,
+            )
+            await self.auth.start()
+            self._stack.push_async_callback(self.auth.aclose)
+            self._stack.push_async_callback(self.limiter.aclose)
+            self.http = httpx.AsyncClient(
+                transport=self._transport,
+                timeout=httpx.Timeout(s.upstream.timeout_s, connect=s.upstream.connect_timeout_s),
+                limits=httpx.Limits(
+                    max_connections=s.upstream.max_connections,
+                    max_keepalive_connections=s.upstream.max_connections,
+                ),
+            )
+            self._stack.push_async_callback(self.http.aclose)
+            self.router = Router(self._deployments(self.http), self.is_up)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        self.lifecycle.state = "ready"
+
+    async def stop(self) -> None:
+        self.lifecycle.state = "stopped"
+        await self._stack.aclose()
+
+    def _deployments(self, client: httpx.AsyncClient) -> list[Deployment]:
+        s = self.settings
+        cost_map = litellm_cost_map() if any(needs_cost_map(m) for m in s.models) else {}
+        out = []
+        for index, model in enumerate(s.models):
+            provider = build_provider(
+                model, client=client, environ=self.environ, default_timeout_s=s.upstream.timeout_s
+            )
+            problem = None
+            if model.api_key_env and not upstream_key(model, self.environ):
+                problem = f"{model.api_key_env} is not set"
+                log.warning("models[%d] (%s): %s", index, model.name, problem)
+            out.append(Deployment(index, model, provider, price_for(model, cost_map), problem))
+        return out
+
+    def litellm_providers(self) -> list[LiteLLMProvider]:
+        return [
+            d.provider for d in self.router.deployments if isinstance(d.provider, LiteLLMProvider)
+        ]
+
+    def is_up(self, deployment: Deployment) -> bool:
+        return deployment.problem is None
+
+    # -- the request pipeline ---------------------------------------------------
+
+    def new_usage(self, request_id: str, principal: Principal, operation: str) -> Usage:
+        return Usage(
+            request_id=request_id,
+            started_at=self.clock(),
+            key_id=principal.key_id,
+            user_type=principal.user_type,
+            operation=operation,
+            model="",
+            perf_start=time.perf_counter(),
+        )
+
+    def check_accepting(self) -> None:
+        if self.lifecycle.state in ("draining", "stopped"):
+            raise ServiceUnavailable(
+                "The gateway is shutting down; retry on another instance.",
+                headers={"Retry-After": "1"},
+            )
+
+    async def admit(self, principal: Principal) -> Decision:
+        """Apply the key's budget and rate limits; raise 429 when over."""
+        if principal.budget_usd is not None:
+            spent = self.spend.spent(principal.key_id)
+            if spent >= principal.budget_usd:
+                raise BudgetExceeded(
+                    f"This key has used its budget of ${principal.budget_usd:.2f} "
+                    f"(spent ${spent:.4f}).",
+                    headers={
+                        "Retry-After": str(self.settings.limits.budget_retry_after_s),
+                        "x-should-retry": "false",
+                    },
+                )
+        decision = await self.limiter.acquire(principal.limits, self.clock())
+        if not decision.allowed:
+            wait = max(decision.retry_after_s, 0.001)
+            headers = dict(decision.headers)
+            headers["Retry-After"] = str(max(math.ceil(wait), 1))
+            headers["retry-after-ms"] = str(math.ceil(wait * 1000))
+            raise RateLimited(
+                f"Rate limit reached for {decision.limit_type} per minute on this key. "
+                f"Please try again in {wait:.1f}s.",
+                headers=headers,
+                error_type=decision.limit_type or "requests",
+                limit_type="rpm" if decision.limit_type == "requests" else "tpm",
+            )
+        return decision
+
+    async def complete(
+        self, plan: list[Deployment], call: UpstreamCall, usage: Usage
+    ) -> Reply:
+        """Call the deployments in order until one answers."""
+
+        async def attempt(provider: Provider) -> Reply:
+            if call.operation == "embeddings":
+                return await provider.embed(call)
+            return await provider.complete(call)
+
+        reply: Reply = await self._attempts(plan, call, usage, attempt)
+        self._apply_reply(usage, reply)
+        return reply
+
+    async def open_stream(
+        self, plan: list[Deployment], call: UpstreamCall, usage: Usage, info: StreamInfo
+    ) -> AsyncIterator[bytes]:
+        async def attempt(provider: Provider) -> AsyncIterator[bytes]:
+            return await provider.open_stream(call, info)
+
+        events: AsyncIterator[bytes] = await self._attempts(plan, call, usage, attempt)
+        return events
+
+    async def _attempts(self, plan, call, usage, attempt):  # type: ignore[no-untyped-def]
+        last: GatewayError | None = None
+        for deployment in plan[: self.settings.upstream.max_attempts]:
+            call.body["model"] = deployment.upstream_model
+            call.timeout_s = deployment.config.timeout_s
+            usage.provider = deployment.provider_name
+            usage.upstream_model = deployment.upstream_model
+            usage.deployment_index = deployment.index
+            started = time.perf_counter()
+            try:
+                result = await attempt(deployment.provider)
+            except GatewayError as exc:
+                usage.upstream_latency_s = time.perf_counter() - started
+                last = exc
+                if _retryable(exc):
+                    log.warning(
+                        "upstream attempt failed: model=%s provider=%s error=%s",
+                        deployment.name,
+                        deployment.provider_name,
+                        exc.kind,
+                    )
+                    continue
+                raise
+            usage.upstream_latency_s = time.perf_counter() - started
+            return result
+        assert last is not None
+        raise last
+
+    def _apply_reply(self, usage: Usage, reply: Reply) -> None:
+        usage.tokens = reply.tokens
+        usage.response_model = reply.response_model
+        usage.response_id = reply.response_id
+        usage.finish_reasons = reply.finish_reasons
+
+    async def relay(
+        self,
+        events: AsyncIterator[bytes],
+        info: StreamInfo,
+        usage: Usage,
+        client_wants_usage: bool,
+    ) -> AsyncIterator[bytes]:
+        """Forward a stream to the client; account for it however it ends."""
+        completed = False
+        first = True
+        upstream_started = time.perf_counter() - (usage.upstream_latency_s or 0.0)
+        try:
+            async for event in events:
+                out = observe(event, info, client_wants_usage)
+                if out is None:
+                    continue
+                if first:
+                    usage.ttft_s = time.perf_counter() - usage.perf_start
+                    first = False
+                yield out
+            completed = True
+            if info.error is not None:
+                usage.status_code = 502
+                usage.error_type = "upstream_error"
+        except Exception as exc:
+            error = as_gateway_error(exc)
+            if not isinstance(exc, GatewayError):
+                log.exception("stream relay failed (request_id=%s)", usage.request_id)
+            usage.status_code, usage.error_type = error.status_code, error.kind
+            completed = True
+            yield sse_error_event(error)
+        finally:
+            if not completed:
+                # The client hung up, or shutdown cut the stream.
+                usage.status_code, usage.error_type = 499, "cancelled"
+            with contextlib.suppress(Exception):
+                close = getattr(events, "aclose", None)
+                if close is not None:
+                    await close()
+            usage.upstream_latency_s = time.perf_counter() - upstream_started
+            usage.tokens = info.tokens
+            usage.response_model = info.response_model
+            usage.response_id = info.response_id
+            usage.finish_reasons = tuple(info.finish_reasons)
+            self.finish(usage)
+
+    def fail(self, usage: Usage, exc: BaseException) -> None:
+        if isinstance(exc, asyncio.CancelledError):
+            usage.status_code, usage.error_type = 499, "cancelled"
+        else:
+            error = as_gateway_error(exc)
+            usage.status_code, usage.error_type = error.status_code, error.kind
+        self.finish(usage)
+
+    def finish(self, usage: Usage) -> None:
+        """Account for a finished request: cost, ledger, spend, token window."""
+        usage.latency_s = time.perf_counter() - usage.perf_start
+        if usage.deployment_index >= 0 and usage.tokens.total:
+            price = self.router.deployments[usage.deployment_index].price
+            usage.cost_usd = cost_usd(usage.tokens, price)
+        self.writer.submit(usage)
+        self.spend.add(usage.key_id, usage.cost_usd)
+        if usage.tokens.total:
+            self.limiter.charge_tokens(usage.key_id, usage.tokens.total, self.clock())

@@ -1,0 +1,20 @@
+"""The usage ledger: stores and the batching writer."""
+
+from __future__ import annotations
+
+from daemon.ledger.base import Store
+from daemon.ledger.sqlite import SQLiteStore, sqlite_path
+
+
+def open_store(url: str) -> Store:
+    """A store for a ledger URL (not yet opened)."""
+    if url.startswith("sqlite:"):
+        return SQLiteStore(sqlite_path(url))
+    if url.startswith(("postgresql:", "postgres:")):
+        from daemon.ledger.postgres import PostgresStore  # asyncpg only when used
+
+        return PostgresStore(url)
+    raise ValueError(f"unsupported ledger URL scheme: {url.split(':', 1)[0]}")
+
+
+__all__ = ["Store", "open_store"]

@@ -1,0 +1,202 @@
+"""The ledger store protocol, and what its implementations share.
+
+A store keeps two tables: ``keys`` (hashed API keys, their limits and running spend)
+and ``requests`` (one row per authenticated model request). SQLite and PostgreSQL
+implement the same protocol; ``open_store`` picks one from the ledger URL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import orjson
+
+from daemon.keys import KeyRecord
+from daemon.usage import Usage
+
+GroupBy = Literal["model", "key", "day"]
+
+REQUEST_COLUMNS = (
+    "request_id",
+    "ts",
+    "key_id",
+    "user_type",
+    "operation",
+    "model",
+    "provider",
+    "upstream_model",
+    "stream",
+    "status_code",
+    "error_type",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "latency_s",
+    "upstream_latency_s",
+    "ttft_s",
+    "trace_id",
+)
+
+KEY_COLUMNS = (
+    "id",
+    "name",
+    "key_hash",
+    "prefix",
+    "user_type",
+    "rpm",
+    "tpm",
+    "budget_usd",
+    "models",
+    "created_at",
+    "revoked_at",
+    "spend_usd",
+)
+
+
+def usage_row(u: Usage) -> tuple[Any, ...]:
+    t = u.tokens
+    return (
+        u.request_id,
+        u.started_at,
+        u.key_id,
+        u.user_type,
+        u.operation,
+        u.model,
+        u.provider,
+        u.upstream_model,
+        u.stream,
+        u.status_code,
+        u.error_type,
+        t.input,
+        t.output,
+        t.cached,
+        t.reasoning,
+        u.cost_usd,
+        u.latency_s,
+        u.upstream_latency_s,
+        u.ttft_s,
+        u.trace_id,
+    )
+
+
+def key_row(k: KeyRecord) -> tuple[Any, ...]:
+    models = orjson.dumps(list(k.models)).decode() if k.models is not None else None
+    return (
+        k.id,
+        k.name,
+        k.key_hash,
+        k.prefix,
+        k.user_type,
+        k.rpm,
+        k.tpm,
+        k.budget_usd,
+        models,
+        k.created_at,
+        k.revoked_at,
+        k.spend_usd,
+    )
+
+
+def key_from_row(row: Sequence[Any]) -> KeyRecord:
+    values = dict(zip(KEY_COLUMNS, row, strict=True))
+    models = values["models"]
+    return KeyRecord(
+        id=values["id"],
+        name=values["name"],
+        key_hash=values["key_hash"],
+        prefix=values["prefix"],
+        user_type=values["user_type"],
+        rpm=values["rpm"],
+        tpm=values["tpm"],
+        budget_usd=values["budget_usd"],
+        models=tuple(orjson.loads(models)) if models else None,
+        created_at=values["created_at"],
+        revoked_at=values["revoked_at"],
+        spend_usd=float(values["spend_usd"] or 0.0),
+    )
+
+
+def spend_by_key(rows: Sequence[Usage]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for u in rows:
+        if u.cost_usd:
+            out[u.key_id] = out.get(u.key_id, 0.0) + u.cost_usd
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class UsageGroup:
+    group: str
+    requests: int
+    errors: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCheck:
+    """What /health shows about the database."""
+
+    ok: bool
+    writable: bool
+    latency_s: float
+    request_rows: int = 0
+    active_keys: int = 0
+    size_bytes: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DayStats:
+    active_keys: int
+    requests_today: int
+    spend_today_usd: float
+
+
+class Store(Protocol):
+    """Where keys and request rows live.
+
+    ``write_requests`` stores a batch atomically and returns, for each key it touched,
+    the key's committed total spend afterwards (budgets read it).
+    """
+
+    kind: str
+    description: str  # for /health, without credentials
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def write_requests(self, rows: Sequence[Usage]) -> dict[str, float]: ...
+
+    async def insert_key(self, record: KeyRecord) -> None: ...
+
+    async def revoke_key(self, id_or_name: str, now: float) -> KeyRecord | None: ...
+
+    async def list_keys(self, include_revoked: bool = False) -> list[KeyRecord]: ...
+
+    async def find_key(self, key_hash: str) -> KeyRecord | None: ...
+
+    async def keys_generation(self) -> int: ...
+
+    async def key_spend(self) -> dict[str, float]: ...
+
+    async def usage(self, since: float, by: GroupBy) -> list[UsageGroup]: ...
+
+    async def day_stats(self, day_start: float) -> DayStats: ...
+
+    async def check(self) -> StoreCheck: ...
+
+
+class DuplicateKeyName(Exception):
+    """An active key already has this name."""
+
+
+def day_start(now: float) -> float:
+    """Midnight UTC of the day containing ``now``."""
+    return now - (now % 86400)

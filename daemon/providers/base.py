@@ -1,0 +1,106 @@
+"""The provider protocol: one small surface that every upstream implements.
+
+A provider turns an ``UpstreamCall`` (the client's OpenAI-shaped body, with the
+upstream model id already in it) into a ``Reply`` or a stream of SSE events in
+OpenAI's chunk format. Errors are raised as the gateway's ``Upstream*`` errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from daemon.usage import TokenCounts
+
+
+@dataclass(slots=True)
+class UpstreamCall:
+    operation: str  # "chat" | "embeddings"
+    body: dict[str, Any]
+    stream: bool = False
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. traceparent
+    timeout_s: float | None = None
+
+
+@dataclass(slots=True)
+class Reply:
+    """A non-streamed answer: the bytes to send back, and what was read from them."""
+
+    body: bytes
+    tokens: TokenCounts
+    response_model: str = ""
+    response_id: str = ""
+    finish_reasons: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, body: bytes, parsed: Any) -> Reply:
+        if not isinstance(parsed, dict):
+            return cls(body, TokenCounts())
+        choices = parsed.get("choices")
+        reasons: tuple[str, ...] = ()
+        if isinstance(choices, list):
+            reasons = tuple(
+                str(c["finish_reason"])
+                for c in choices
+                if isinstance(c, dict) and c.get("finish_reason")
+            )
+        return cls(
+            body=body,
+            tokens=TokenCounts.from_openai(parsed.get("usage")),
+            response_model=str(parsed.get("model") or ""),
+            response_id=str(parsed.get("id") or ""),
+            finish_reasons=reasons,
+        )
+
+
+@dataclass(slots=True)
+class StreamInfo:
+    """What a stream told us by its end; filled in while the events pass through."""
+
+    tokens: TokenCounts = field(default_factory=TokenCounts)
+    response_model: str = ""
+    response_id: str = ""
+    finish_reasons: list[str] = field(default_factory=list)
+    saw_usage: bool = False
+    error: dict[str, Any] | None = None
+    events: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    ok: bool
+    latency_s: float
+    error: str | None = None
+    models: tuple[str, ...] = ()
+
+
+class Provider(Protocol):
+    name: str  # the provider label: mock, openai, ollama, anthropic, ...
+    server_address: str | None
+    server_port: int | None
+
+    async def complete(self, call: UpstreamCall) -> Reply: ...
+
+    async def open_stream(self, call: UpstreamCall, info: StreamInfo) -> AsyncIterator[bytes]:
+        """Start the upstream call; raise before returning if it failed to start.
+
+        The iterator yields complete SSE events (``data: ...\\n\\n``) in OpenAI's
+        chunk format and updates ``info`` as they pass.
+        """
+        ...
+
+    async def embed(self, call: UpstreamCall) -> Reply: ...
+
+    async def probe(self, timeout_s: float) -> ProbeResult: ...
+
+    async def aclose(self) -> None: ...
+
+
+def sse_event(payload: Any) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"

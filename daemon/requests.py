@@ -1,0 +1,178 @@
+"""Reading and validating client requests: bounded bodies, JSON, OpenAI's parameters.
+
+Everything here raises ``InvalidRequest`` or ``RequestTooLarge`` with the offending
+parameter named, the way OpenAI's own API answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from daemon.errors import InvalidRequest, RequestTooLarge
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> RequestTooLarge:
+    return RequestTooLarge(f"The request body is larger than this gateway accepts ({limit} bytes).")
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise InvalidRequest("The request body is empty; send a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. The body must be valid JSON."
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+def _require_model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    return model
+
+
+_NUMBER = (int, float)
+
+# parameter: (accepted types, description for the error, minimum, maximum)
+_CHAT_PARAMS: dict[str, tuple[tuple[type, ...], str, float | None, float | None]] = {
+    "temperature": (_NUMBER, "a number", 0, 2),
+    "top_p": (_NUMBER, "a number", 0, 1),
+    "presence_penalty": (_NUMBER, "a number", -2, 2),
+    "frequency_penalty": (_NUMBER, "a number", -2, 2),
+    "max_tokens": ((int,), "an integer", 1, None),
+    "max_completion_tokens": ((int,), "an integer", 1, None),
+    "n": ((int,), "an integer", 1, 128),
+    "seed": ((int,), "an integer", None, None),
+    "stream": ((bool,), "a boolean", None, None),
+    "stop": ((str, list), "a string or an array of strings", None, None),
+    "tools": ((list,), "an array", None, None),
+    "user": ((str,), "a string", None, None),
+    "stream_options": ((dict,), "an object", None, None),
+}
+
+
+def _check_params(
+    body: dict[str, Any], spec: dict[str, tuple[tuple[type, ...], str, float | None, float | None]]
+) -> None:
+    for name, (types, described, low, high) in spec.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        # bool is an int in Python; JSON true is not a number.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise InvalidRequest(
+                f"Invalid type for '{name}': expected {described}, but got {_json_type(value)}.",
+                param=name,
+                code="invalid_type",
+            )
+        if low is not None and value < low:
+            raise InvalidRequest(
+                f"Invalid '{name}': {value} is less than the minimum of {low:g}.",
+                param=name,
+                code="invalid_value",
+            )
+        if high is not None and value > high:
+            raise InvalidRequest(
+                f"Invalid '{name}': {value} is greater than the maximum of {high:g}.",
+                param=name,
+                code="invalid_value",
+            )
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+@dataclass(slots=True)
+class ChatParams:
+    model: str
+    stream: bool
+    include_usage: bool  # the client asked for the usage chunk of a stream
+
+
+def parse_chat(body: dict[str, Any]) -> ChatParams:
+    model = _require_model(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest(
+            "'messages' must be a non-empty array of message objects.", param="messages"
+        )
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(
+                f"Invalid 'messages[{i}]': expected an object with a string 'role'.",
+                param=f"messages[{i}]",
+            )
+    _check_params(body, _CHAT_PARAMS)
+    stream = bool(body.get("stream"))
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise InvalidRequest(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+        )
+    include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
+    return ChatParams(model=model, stream=stream, include_usage=include_usage)
+
+
+_EMBEDDING_PARAMS: dict[str, tuple[tuple[type, ...], str, float | None, float | None]] = {
+    "dimensions": ((int,), "an integer", 1, None),
+    "encoding_format": ((str,), "a string", None, None),
+    "user": ((str,), "a string", None, None),
+}
+
+
+def parse_embeddings(body: dict[str, Any]) -> str:
+    model = _require_model(body)
+    data = body.get("input")
+    valid = (isinstance(data, str) and data != "") or (
+        isinstance(data, list)
+        and data != []
+        and (
+            all(isinstance(i, str) for i in data)
+            or all(isinstance(i, int) and not isinstance(i, bool) for i in data)
+            or all(isinstance(i, list) and all(isinstance(t, int) for t in i) for i in data)
+        )
+    )
+    if not valid:
+        raise InvalidRequest(
+            "'input' must be a non-empty string, array of strings, or array of token arrays.",
+            param="input",
+        )
+    _check_params(body, _EMBEDDING_PARAMS)
+    if body.get("encoding_format") not in (None, "float", "base64"):
+        raise InvalidRequest("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
+    return model

@@ -1,0 +1,199 @@
+"""Running the daemon: uvicorn with a graceful drain, one process or several.
+
+``serve`` binds the socket itself (so a busy port is a clear one-line error), checks
+that the ledger opens, then runs either one uvicorn server in this process or a small
+supervisor with N worker processes sharing the socket. SIGTERM or SIGINT stops
+accepting, lets in-flight requests finish (up to ``server.drain_timeout_s``), flushes
+the ledger in the app's lifespan, and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import logging.config
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Generator, Mapping
+from types import FrameType
+
+import uvicorn
+
+from daemon.app import create_app
+from daemon.config import Settings
+from daemon.gateway import Lifecycle
+from daemon.ledger import open_store
+from daemon.logs import logging_config
+from daemon.state import ensure_admin_key
+
+log = logging.getLogger("chatvault.server")
+
+STARTUP_FAILURE = 3
+_RESTART_LIMIT = 5
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why, for the operator."""
+
+
+class ChatVaultServer(uvicorn.Server):
+    """uvicorn's server, telling the app when draining starts, and exiting 0 after it."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.lifecycle.begin_drain()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # uvicorn re-raises the signal after shutdown, which makes the exit status
+        # "killed by SIGTERM"; a completed drain is a clean exit.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def preflight(settings: Settings, environ: Mapping[str, str]) -> None:
+    """Fail early, with one clear line, on what would otherwise fail in every worker."""
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_admin_key(settings.state_file, settings.auth.admin_key_env, environ)
+    except OSError as exc:
+        raise StartupError(f"data directory {settings.data_dir}: {exc.strerror or exc}") from None
+
+    async def open_ledger() -> None:
+        store = open_store(settings.ledger.url)
+        try:
+            await store.open()
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(open_ledger())
+    except Exception as exc:
+        raise StartupError(f"ledger {settings.ledger.url.split('@')[-1]}: {exc}") from None
+
+
+def _uvicorn_config(settings: Settings) -> tuple[uvicorn.Config, Lifecycle]:
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        lifespan="on",
+        access_log=False,  # the app writes its own JSON access line
+        log_config=logging_config(),
+        timeout_graceful_shutdown=int(settings.server.drain_timeout_s),
+        server_header=False,
+        proxy_headers=False,
+    )
+    return config, app.state.gateway.lifecycle
+
+
+def run_worker(settings: Settings, sock: socket.socket) -> None:
+    """One server process. Exits 3 when the app could not start."""
+    config, lifecycle = _uvicorn_config(settings)
+    server = ChatVaultServer(config, lifecycle)
+    server.run(sockets=[sock])
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+def serve(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit status."""
+    environ = os.environ if environ is None else environ
+    logging.config.dictConfig(logging_config())
+    preflight(settings, environ)
+    host, port, workers = settings.server.host, settings.server.port, settings.server.workers
+    sock = bind(host, port)
+    log.info(
+        "chatvault listening",
+        extra={"fields": {"url": f"http://{host}:{sock.getsockname()[1]}", "workers": workers}},
+    )
+    try:
+        if workers == 1:
+            config, lifecycle = _uvicorn_config(settings)
+            server = ChatVaultServer(config, lifecycle)
+            server.run(sockets=[sock])
+            return 0 if server.started else STARTUP_FAILURE
+        return _supervise(settings, sock, workers)
+    finally:
+        sock.close()
+
+
+def _supervise(settings: Settings, sock: socket.socket, workers: int) -> int:
+    """Keep N workers alive; on a signal, pass SIGTERM on and wait for their drain."""
+    ctx = multiprocessing.get_context("spawn")
+    stopping = threading.Event()
+    received: list[int] = []
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        received.append(sig)
+        stopping.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def start() -> multiprocessing.process.BaseProcess:
+        process = ctx.Process(target=run_worker, args=(settings, sock), name="chatvault-worker")
+        process.start()
+        return process
+
+    processes = [start() for _ in range(workers)]
+    restarts = 0
+    status = 0
+    try:
+        while not stopping.wait(0.5):
+            for i, process in enumerate(processes):
+                if process.is_alive():
+                    continue
+                if process.exitcode == STARTUP_FAILURE or restarts >= _RESTART_LIMIT:
+                    log.error("worker %s failed (exit %s); stopping", process.pid, process.exitcode)
+                    status = STARTUP_FAILURE
+                    stopping.set()
+                    break
+                restarts += 1
+                log.warning("worker %s died (exit %s); restarting", process.pid, process.exitcode)
+                processes[i] = start()
+    finally:
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = settings.server.drain_timeout_s + 15
+        for process in processes:
+            process.join(deadline)
+            if process.is_alive():
+                log.error("worker %s did not stop in time; killing it", process.pid)
+                process.kill()
+                process.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if status == 0 and any(p.exitcode not in (0, None) for p in processes):
+        status = 1
+    return status

@@ -1,0 +1,79 @@
+"""The one per-request record that the ledger, the metrics and the spans derive from.
+
+Because all three read the same ``Usage``, they cannot disagree about a request's
+tokens or cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class TokenCounts:
+    input: int = 0
+    output: int = 0
+    cached: int = 0  # part of input served from the provider's prompt cache
+    reasoning: int = 0  # part of output spent on hidden reasoning
+
+    @property
+    def total(self) -> int:
+        return self.input + self.output
+
+    @classmethod
+    def from_openai(cls, usage: Any) -> TokenCounts:
+        """Read an OpenAI-shaped ``usage`` object; tolerate what servers leave out."""
+        if not isinstance(usage, dict):
+            return cls()
+        prompt_details = usage.get("prompt_tokens_details") or {}
+        completion_details = usage.get("completion_tokens_details") or {}
+        return cls(
+            input=_int(usage.get("prompt_tokens")),
+            output=_int(usage.get("completion_tokens")),
+            cached=_int(prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else 0),
+            reasoning=_int(
+                completion_details.get("reasoning_tokens")
+                if isinstance(completion_details, dict)
+                else 0
+            ),
+        )
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+@dataclass(slots=True)
+class Usage:
+    """Everything recorded about one authenticated model request."""
+
+    request_id: str
+    started_at: float  # unix seconds
+    key_id: str
+    user_type: str
+    operation: str  # "chat" | "embeddings"
+    model: str  # the public model name the client sent
+    provider: str = ""
+    upstream_model: str = ""
+    stream: bool = False
+    status_code: int = 200
+    error_type: str | None = None
+    tokens: TokenCounts = field(default_factory=TokenCounts)
+    cost_usd: float = 0.0
+    latency_s: float = 0.0
+    upstream_latency_s: float | None = None
+    ttft_s: float | None = None
+    trace_id: str = ""
+    # Known deployment? Unknown model names must not become metric label values.
+    known_model: bool = True
+    response_model: str = ""
+    response_id: str = ""
+    finish_reasons: tuple[str, ...] = ()
+    # Not stored: perf_counter() at arrival, for durations; the deployment that served.
+    perf_start: float = 0.0
+    deployment_index: int = -1
+
+    @property
+    def ok(self) -> bool:
+        return self.error_type is None
