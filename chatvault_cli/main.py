@@ -32,7 +32,9 @@ app.add_typer(config_app, name="config")
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="Config file [default: $CHATVAULT_CONFIG or ./config.yaml]"),
+    typer.Option(
+        "--config", "-c", help="Config file [default: $CHATVAULT_CONFIG or ./config.yaml]"
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 
@@ -52,7 +54,9 @@ def _settings(config: Path | None) -> Any:
     try:
         return load_config(path)
     except ConfigError as exc:
-        render.error(err, str(exc), hint="chatvault config check --config PATH explains every problem")
+        render.error(
+            err, str(exc), hint="chatvault config check --config PATH explains every problem"
+        )
         raise typer.Exit(2) from None
 
 
@@ -131,11 +135,17 @@ def _models_option(value: str | None) -> tuple[str, ...] | None:
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option("--name", help="A name to recognise the key by")],
-    user_type: Annotated[str, typer.Option("--user-type", help="standard | service | admin")] = "standard",
+    user_type: Annotated[
+        str, typer.Option("--user-type", help="standard | service | admin")
+    ] = "standard",
     rpm: Annotated[int | None, typer.Option(help="Requests per minute")] = None,
     tpm: Annotated[int | None, typer.Option(help="Tokens per minute")] = None,
-    budget_usd: Annotated[float | None, typer.Option("--budget-usd", help="Total spend allowed, USD")] = None,
-    models: Annotated[str | None, typer.Option(help="Comma-separated models it may use [default: all]")] = None,
+    budget_usd: Annotated[
+        float | None, typer.Option("--budget-usd", help="Total spend allowed, USD")
+    ] = None,
+    models: Annotated[
+        str | None, typer.Option(help="Comma-separated models it may use [default: all]")
+    ] = None,
     config: ConfigOption = None,
     json_out: JsonOption = False,
 ) -> None:

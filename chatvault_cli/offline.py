@@ -35,7 +35,9 @@ def parse_since(value: str, now: float) -> float:
     try:
         parsed = dt.datetime.fromisoformat(value.strip())
     except ValueError:
-        raise ValueError(f"--since {value!r}: use a duration like 24h, 7d, 30m or a date like 2026-01-31") from None
+        raise ValueError(
+            f"--since {value!r}: use a duration like 24h, 7d, 30m or a date like 2026-01-31"
+        ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)
     return parsed.timestamp()
@@ -90,7 +92,12 @@ def keys_create(
             f"--models: {', '.join(unknown)} not in the config (known: {', '.join(sorted(known))})"
         )
     new = create_key(
-        name=name, user_type=user_type, rpm=rpm, tpm=tpm, budget_usd=budget_usd, models=models,
+        name=name,
+        user_type=user_type,
+        rpm=rpm,
+        tpm=tpm,
+        budget_usd=budget_usd,
+        models=models,
         now=time.time(),
     )
     with_store(settings, lambda store: store.insert_key(new.record))
@@ -122,7 +129,9 @@ def usage(settings: Settings, since: float, by: GroupBy) -> list[dict[str, Any]]
     ]
 
 
-def config_summary(settings: Settings, environ: dict[str, str]) -> tuple[list[tuple[str, str, str]], list[str]]:
+def config_summary(
+    settings: Settings, environ: dict[str, str]
+) -> tuple[list[tuple[str, str, str]], list[str]]:
     """Each model with its price, and warnings that do not make the config invalid."""
     cost_map = litellm_cost_map() if any(needs_cost_map(m) for m in settings.models) else {}
     models, warnings = [], []
@@ -130,14 +139,18 @@ def config_summary(settings: Settings, environ: dict[str, str]) -> tuple[list[tu
         price = price_for(m, cost_map)
         if price.source == "unknown":
             label = "unknown"
-            warnings.append(f"models[{i}] ({m.name}): no pricing and not in litellm's cost map; costs will be 0")
+            warnings.append(
+                f"models[{i}] ({m.name}): no pricing and not in litellm's cost map; costs will be 0"
+            )
         elif price.source == "free":
             label = "free (local)"
         else:
             label = f"${price.input * 1e6:g} / ${price.output * 1e6:g} per M tokens"
         models.append((m.name, m.provider, label))
         if m.api_key_env and not environ.get(m.api_key_env):
-            warnings.append(f"models[{i}].api_key_env: {m.api_key_env} is not set in this environment")
+            warnings.append(
+                f"models[{i}].api_key_env: {m.api_key_env} is not set in this environment"
+            )
     return models, warnings
 
 

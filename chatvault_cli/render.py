@@ -66,7 +66,10 @@ def new_key(console: Console, key: dict[str, Any]) -> None:
         for label, value in (
             ("rpm", key.get("rpm")),
             ("tpm", key.get("tpm")),
-            ("budget", _money(key.get("budget_usd")) if key.get("budget_usd") is not None else None),
+            (
+                "budget",
+                _money(key.get("budget_usd")) if key.get("budget_usd") is not None else None,
+            ),
             ("models", ",".join(key["models"]) if key.get("models") else None),
         )
         if value is not None
@@ -131,7 +134,9 @@ def usage_table(console: Console, by: str, rows: Sequence[dict[str, Any]], since
             f"{r['output_tokens']:,}",
             _money(r["cost_usd"]),
         )
-        for i, name in enumerate(("requests", "errors", "input_tokens", "output_tokens", "cost_usd")):
+        for i, name in enumerate(
+            ("requests", "errors", "input_tokens", "output_tokens", "cost_usd")
+        ):
             totals[i] += r[name]
     table.add_section()
     table.add_row(
@@ -145,7 +150,9 @@ def usage_table(console: Console, by: str, rows: Sequence[dict[str, Any]], since
     console.print(table)
 
 
-def config_ok(console: Console, path: str, models: Iterable[tuple[str, str, str]], warnings: Sequence[str]) -> None:
+def config_ok(
+    console: Console, path: str, models: Iterable[tuple[str, str, str]], warnings: Sequence[str]
+) -> None:
     success(console, f"{path} is valid")
     table = Table(box=None, show_header=True, pad_edge=False)
     table.add_column("model")

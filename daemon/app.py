@@ -63,7 +63,7 @@ def create_app(
     app = Starlette(
         routes=api.routes(),
         middleware=middleware,
-        exception_handlers=api.exception_handlers,  # type: ignore[arg-type]
+        exception_handlers=api.exception_handlers,
         lifespan=lifespan,
     )
     app.state.gateway = gateway

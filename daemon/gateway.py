@@ -13,8 +13,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Literal, TypeVar
 
 import httpx
 
@@ -46,6 +46,7 @@ from daemon.usage import Usage
 
 log = logging.getLogger("chatvault.gateway")
 
+T = TypeVar("T")
 State = Literal["starting", "ready", "draining", "stopped"]
 
 
@@ -140,7 +141,26 @@ class Gateway:
         except BaseException:
             await self._stack.aclose()
             raise
+        self._start_warmups()
         self.lifecycle.state = "ready"
+
+    def _start_warmups(self) -> None:
+        """Slow imports (litellm) happen after start; /readyz says "starting" until done."""
+        providers = self.litellm_providers()
+        if not providers:
+            return
+        self.lifecycle.pending_warmups += 1
+
+        async def warm() -> None:
+            try:
+                await providers[0].warm()  # one import serves them all
+            except Exception:
+                log.exception("litellm could not be loaded; its models will fail")
+            finally:
+                self.lifecycle.pending_warmups -= 1
+
+        task = asyncio.create_task(warm(), name="chatvault-warmup")
+        self._stack.callback(task.cancel)
 
     async def stop(self) -> None:
         self.lifecycle.state = "stopped"
@@ -217,9 +237,7 @@ class Gateway:
             )
         return decision
 
-    async def complete(
-        self, plan: list[Deployment], call: UpstreamCall, usage: Usage
-    ) -> Reply:
+    async def complete(self, plan: list[Deployment], call: UpstreamCall, usage: Usage) -> Reply:
         """Call the deployments in order until one answers."""
 
         async def attempt(provider: Provider) -> Reply:
@@ -227,7 +245,7 @@ class Gateway:
                 return await provider.embed(call)
             return await provider.complete(call)
 
-        reply: Reply = await self._attempts(plan, call, usage, attempt)
+        reply = await self._attempts(plan, call, usage, attempt)
         self._apply_reply(usage, reply)
         return reply
 
@@ -237,10 +255,15 @@ class Gateway:
         async def attempt(provider: Provider) -> AsyncIterator[bytes]:
             return await provider.open_stream(call, info)
 
-        events: AsyncIterator[bytes] = await self._attempts(plan, call, usage, attempt)
-        return events
+        return await self._attempts(plan, call, usage, attempt)
 
-    async def _attempts(self, plan, call, usage, attempt):  # type: ignore[no-untyped-def]
+    async def _attempts(
+        self,
+        plan: list[Deployment],
+        call: UpstreamCall,
+        usage: Usage,
+        attempt: Callable[[Provider], Awaitable[T]],
+    ) -> T:
         last: GatewayError | None = None
         for deployment in plan[: self.settings.upstream.max_attempts]:
             call.body["model"] = deployment.upstream_model

@@ -1,13 +1,16 @@
 """Per-key request and token rate limits.
 
-The maths is a sliding-window counter (the previous fixed window's count, weighted by
-how much of it still overlaps the sliding window, plus the current one): O(1) state
-per key and limit, accurate to within a few percent, and the same arithmetic serves
-an in-process store now and a shared (Redis) store later. The functions below are
-pure; ``MemoryLimiter`` only keeps their state in a dict.
+The maths is GCRA (the generic cell rate algorithm, a token bucket kept as one
+number): each key and limit has a "theoretical arrival time" ``tat``, the moment its
+bucket would be full again. A limit of N per minute refills one unit every 60/N
+seconds and lets a burst of N through. The state is one float, the arithmetic is
+exact (``Retry-After`` is never longer than it must be), and the same functions serve
+the in-process store here and a shared (Redis) store. The functions are pure;
+``MemoryLimiter`` only keeps their state in a dict.
 
 Tokens are known only after the upstream answers, so a token limit admits a request
-while the window is under the limit and charges the actual tokens afterwards.
+while the bucket has room and charges the actual tokens afterwards (a large answer can
+overdraw it, and the key then waits in proportion).
 """
 
 from __future__ import annotations
@@ -17,80 +20,44 @@ from dataclasses import dataclass
 from typing import Protocol
 
 MINUTE = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    start: float = 0.0  # start of the current fixed window
-    current: float = 0.0  # used in the current fixed window
-    previous: float = 0.0  # used in the fixed window before it
-
-
-def roll(state: Window, now: float, period: float) -> Window:
-    """Move the window forward so that it contains ``now``."""
-    if now < state.start + period:
-        return state
-    windows = math.floor((now - state.start) / period)
-    start = state.start + windows * period if state.start else now - (now % period)
-    previous = state.current if windows == 1 else 0.0
-    return Window(start=start, current=0.0, previous=previous)
-
-
-def used(state: Window, now: float, period: float) -> float:
-    """Estimated use in the sliding window that ends at ``now`` (state already rolled)."""
-    overlap = 1.0 - (now - state.start) / period
-    return state.previous * max(overlap, 0.0) + state.current
-
-
-def retry_after(state: Window, now: float, period: float, limit: float, amount: float) -> float:
-    """Seconds until ``amount`` more fits under ``limit`` if nothing else is used."""
-    room = limit - amount
-    if room < 0:
-        return period  # can never fit in one window; say a whole window
-    if state.current > room:
-        # Must wait for the next window, and then for the current count to decay.
-        next_start = state.start + period
-        wait_into_next = period * (1.0 - room / state.current) if state.current else 0.0
-        return max(next_start + wait_into_next - now, 0.0)
-    if state.previous <= 0:
-        return 0.0
-    needed_overlap = (room - state.current) / state.previous
-    return max(state.start + period * (1.0 - needed_overlap) - now, 0.0)
+_EPSILON = 1e-9
 
 
 @dataclass(frozen=True, slots=True)
 class Check:
     allowed: bool
-    state: Window
-    remaining: float
-    reset_s: float  # seconds until the window has room again (0 when it has)
+    tat: float  # the new state (unchanged when refused)
+    remaining: float  # units still available right now
+    reset_s: float  # seconds until the bucket is full again
+    retry_after_s: float = 0.0  # when refused: seconds until the request would fit
 
 
-def take(state: Window, now: float, limit: float, amount: float, period: float = MINUTE) -> Check:
-    """Admit ``amount`` if it fits; the returned state includes it only when admitted."""
-    state = roll(state, now, period)
-    in_use = used(state, now, period)
-    if in_use + amount <= limit:
-        new = Window(state.start, state.current + amount, state.previous)
-        return Check(True, new, max(limit - in_use - amount, 0.0), 0.0)
-    wait = retry_after(state, now, period, limit, amount)
-    return Check(False, state, max(limit - in_use, 0.0), wait)
+def take(
+    tat: float, now: float, limit: float, amount: float = 1.0, period: float = MINUTE
+) -> Check:
+    """Admit ``amount`` units if the bucket holds them."""
+    interval = period / limit
+    base = max(tat, now)
+    new_tat = base + amount * interval
+    if new_tat - now <= period + _EPSILON:
+        remaining = (period - (new_tat - now)) / interval
+        return Check(True, new_tat, remaining, new_tat - now)
+    remaining = max((period - (base - now)) / interval, 0.0)
+    return Check(False, tat, remaining, base - now, new_tat - now - period)
 
 
-def admit_while_under(state: Window, now: float, limit: float, period: float = MINUTE) -> Check:
-    """Admit while the window is below ``limit``; charges nothing (see ``charge``)."""
-    state = roll(state, now, period)
-    in_use = used(state, now, period)
-    if in_use < limit:
-        return Check(True, state, limit - in_use, 0.0)
-    # Room for one more token is enough to admit.
-    wait = retry_after(state, now, period, limit, 1.0)
-    return Check(False, state, 0.0, wait)
+def admit_while_under(tat: float, now: float, limit: float, period: float = MINUTE) -> Check:
+    """Admit while at least one unit is left; charges nothing (see ``charge``)."""
+    interval = period / limit
+    base = max(tat, now)
+    used = base - now
+    if used + interval <= period + _EPSILON:
+        return Check(True, tat, (period - used) / interval, used)
+    return Check(False, tat, 0.0, used, used + interval - period)
 
 
-def charge(state: Window, now: float, amount: float, period: float = MINUTE) -> Window:
-    state = roll(state, now, period)
-    return Window(state.start, state.current + amount, state.previous)
+def charge(tat: float, now: float, amount: float, limit: float, period: float = MINUTE) -> float:
+    return max(tat, now) + amount * period / limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,35 +97,33 @@ def rate_headers(kind: str, limit: int, check: Check) -> list[tuple[str, str]]:
 
 
 def decide(
-    limits: KeyLimits,
-    requests: Window,
-    tokens: Window,
-    now: float,
-) -> tuple[Decision, Window, Window]:
-    """Admit one request against both limits; returns the decision and new states."""
+    limits: KeyLimits, requests_tat: float, tokens_tat: float, now: float
+) -> tuple[Decision, float]:
+    """Admit one request against both limits; returns the decision and the new
+    request-bucket state (the token bucket changes only when tokens are charged)."""
     headers: list[tuple[str, str]] = []
     refused: tuple[str, float] | None = None
-    new_requests, new_tokens = requests, tokens
+    new_requests_tat = requests_tat
     if limits.rpm is not None:
-        check = take(requests, now, limits.rpm, 1.0)
+        check = take(requests_tat, now, limits.rpm)
         headers += rate_headers("requests", limits.rpm, check)
         if check.allowed:
-            new_requests = check.state
+            new_requests_tat = check.tat
         else:
-            refused = ("requests", check.reset_s)
+            refused = ("requests", check.retry_after_s)
     if limits.tpm is not None:
-        check = admit_while_under(tokens, now, limits.tpm)
+        check = admit_while_under(tokens_tat, now, limits.tpm)
         headers += rate_headers("tokens", limits.tpm, check)
         if not check.allowed and refused is None:
-            refused = ("tokens", check.reset_s)
+            refused = ("tokens", check.retry_after_s)
     if refused is not None:
         # A refused request uses nothing.
-        return Decision(False, refused[0], refused[1], tuple(headers)), requests, tokens
-    return Decision(True, None, 0.0, tuple(headers)), new_requests, new_tokens
+        return Decision(False, refused[0], refused[1], tuple(headers)), requests_tat
+    return Decision(True, None, 0.0, tuple(headers)), new_requests_tat
 
 
 class Limiter(Protocol):
-    """Where the windows live: this process now, a shared store (Redis) for replicas."""
+    """Where the bucket states live: this process now, a shared store (Redis) for replicas."""
 
     async def acquire(self, limits: KeyLimits, now: float) -> Decision: ...
 
@@ -170,29 +135,31 @@ class Limiter(Protocol):
 
 
 class MemoryLimiter:
-    """Windows in this process. With several workers each enforces its own share."""
+    """Buckets in this process. With several workers each enforces the full limit on
+    its own share of the traffic; use the Redis limiter for one limit across them."""
 
     def __init__(self) -> None:
-        self._requests: dict[str, Window] = {}
-        self._tokens: dict[str, Window] = {}
+        self._requests: dict[str, float] = {}
+        self._tokens: dict[str, tuple[float, int]] = {}  # key -> (tat, tpm)
 
     async def acquire(self, limits: KeyLimits, now: float) -> Decision:
         if limits.rpm is None and limits.tpm is None:
             return ALLOW
         key = limits.key_id
-        decision, requests, tokens = decide(
-            limits, self._requests.get(key, Window()), self._tokens.get(key, Window()), now
-        )
-        if limits.rpm is not None:
-            self._requests[key] = requests
+        tokens_tat = 0.0
         if limits.tpm is not None:
-            self._tokens[key] = tokens
+            tokens_tat = self._tokens.get(key, (0.0, limits.tpm))[0]
+            self._tokens[key] = (tokens_tat, limits.tpm)
+        decision, requests_tat = decide(limits, self._requests.get(key, 0.0), tokens_tat, now)
+        if limits.rpm is not None:
+            self._requests[key] = requests_tat
         return decision
 
     def charge_tokens(self, key_id: str, tokens: int, now: float) -> None:
-        window = self._tokens.get(key_id)
-        if window is not None and tokens > 0:  # only keys with a token limit have a window
-            self._tokens[key_id] = charge(window, now, tokens)
+        state = self._tokens.get(key_id)
+        if state is not None and tokens > 0:  # only keys with a token limit have a bucket
+            tat, tpm = state
+            self._tokens[key_id] = (charge(tat, now, tokens, tpm), tpm)
 
     async def aclose(self) -> None:
         return None

@@ -40,9 +40,7 @@ def cost_usd(tokens: TokenCounts, price: Price) -> float:
     cached = min(tokens.cached, tokens.input)
     cached_price = price.input if price.cached_input is None else price.cached_input
     return (
-        (tokens.input - cached) * price.input
-        + cached * cached_price
-        + tokens.output * price.output
+        (tokens.input - cached) * price.input + cached * cached_price + tokens.output * price.output
     )
 
 

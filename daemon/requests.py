@@ -88,13 +88,14 @@ def _check_params(
                 param=name,
                 code="invalid_type",
             )
-        if low is not None and value < low:
+        number = float(value) if isinstance(value, int | float) else 0.0
+        if low is not None and number < low:
             raise InvalidRequest(
                 f"Invalid '{name}': {value} is less than the minimum of {low:g}.",
                 param=name,
                 code="invalid_value",
             )
-        if high is not None and value > high:
+        if high is not None and number > high:
             raise InvalidRequest(
                 f"Invalid '{name}': {value} is greater than the maximum of {high:g}.",
                 param=name,
@@ -174,5 +175,7 @@ def parse_embeddings(body: dict[str, Any]) -> str:
         )
     _check_params(body, _EMBEDDING_PARAMS)
     if body.get("encoding_format") not in (None, "float", "base64"):
-        raise InvalidRequest("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
+        raise InvalidRequest(
+            "'encoding_format' must be 'float' or 'base64'.", param="encoding_format"
+        )
     return model

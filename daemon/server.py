@@ -194,6 +194,8 @@ def _supervise(settings: Settings, sock: socket.socket, workers: int) -> int:
                 process.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if status == 0 and any(p.exitcode not in (0, None) for p in processes):
+    # A worker still starting when SIGTERM came dies of it: it had nothing in flight.
+    clean = (0, -signal.SIGTERM)
+    if status == 0 and any(p.exitcode not in clean for p in processes):
         status = 1
     return status

@@ -31,7 +31,9 @@ class TokenCounts:
         return cls(
             input=_int(usage.get("prompt_tokens")),
             output=_int(usage.get("completion_tokens")),
-            cached=_int(prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else 0),
+            cached=_int(
+                prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else 0
+            ),
             reasoning=_int(
                 completion_details.get("reasoning_tokens")
                 if isinstance(completion_details, dict)

@@ -27,9 +27,13 @@ def make_client(make_settings: Callable[..., Settings]) -> Iterator[MakeClient]:
     """An in-process app with its lifespan running, for tests that need no real socket."""
     clients: list[TestClient] = []
 
-    def make(config: dict[str, Any] | None = None, env: dict[str, str] | None = None, **kwargs: Any) -> TestClient:
+    def make(
+        config: dict[str, Any] | None = None, env: dict[str, str] | None = None, **kwargs: Any
+    ) -> TestClient:
         app = create_app(
-            make_settings(config), environ={"CHATVAULT_ADMIN_KEY": ADMIN_KEY, **(env or {})}, **kwargs
+            make_settings(config),
+            environ={"CHATVAULT_ADMIN_KEY": ADMIN_KEY, **(env or {})},
+            **kwargs,
         )
         client = TestClient(app, raise_server_exceptions=False)
         client.__enter__()

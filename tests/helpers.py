@@ -87,7 +87,9 @@ class ServerThread:
 class Daemon:
     """``chatvault serve`` as a real subprocess, the way operators run it."""
 
-    def __init__(self, config_path: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, config_path: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> None:
         self.config_path = config_path
         config = yaml.safe_load(config_path.read_text())
         self.port = int(config["server"]["port"])
@@ -107,7 +109,15 @@ class Daemon:
     def start(self, timeout: float = 20.0) -> Daemon:
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "chatvault_cli", "serve", "--config", str(self.config_path), *self.args],
+            [
+                sys.executable,
+                "-m",
+                "chatvault_cli",
+                "serve",
+                "--config",
+                str(self.config_path),
+                *self.args,
+            ],
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -162,15 +172,20 @@ class Daemon:
         self._log.close()
 
 
-def ledger_rows(path: Path, where: str = "1=1", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+def ledger_rows(
+    path: Path, where: str = "1=1", params: tuple[Any, ...] = ()
+) -> list[dict[str, Any]]:
     """Read the ledger with plain sqlite3, independently of the daemon's code."""
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.row_factory = sqlite3.Row
-        return [dict(r) for r in conn.execute(f"SELECT * FROM requests WHERE {where} ORDER BY ts", params)]
+        return [
+            dict(r)
+            for r in conn.execute(f"SELECT * FROM requests WHERE {where} ORDER BY ts", params)
+        ]
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll until ``predicate()`` is truthy; return its value (a bounded wait, not a timing test)."""
+    """Poll until ``predicate()`` is truthy and return its value: a bounded wait."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -181,7 +196,9 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> A
         time.sleep(interval)
 
 
-def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "chatvault_cli", *args],
         env={**os.environ, **(env or {})},
@@ -193,7 +210,9 @@ def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, 
 
 
 @contextlib.contextmanager
-def running(config_dir: Path, config: dict[str, Any], env: dict[str, str] | None = None) -> Iterator[Daemon]:
+def running(
+    config_dir: Path, config: dict[str, Any], env: dict[str, str] | None = None
+) -> Iterator[Daemon]:
     port = free_port()
     config = {**config, "server": {**config.get("server", {}), "port": port}}
     with Daemon(write_config(config_dir, config), env=env) as daemon:

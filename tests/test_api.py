@@ -22,7 +22,9 @@ def chat_body(content: str = "hello there", **extra: Any) -> dict[str, Any]:
     return {"model": "mock", "messages": [{"role": "user", "content": content}], **extra}
 
 
-def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
+def assert_openai_error(
+    response: httpx.Response, status: int, code: str | None = None
+) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     assert response.headers.get("x-request-id")
@@ -40,7 +42,9 @@ def new_key(settings: Settings, **kwargs: Any) -> dict[str, Any]:
     kwargs.setdefault("user_type", "standard")
     for name in ("rpm", "tpm", "budget_usd", "models"):
         kwargs.setdefault(name, None)
-    return offline.keys_create(settings, name=kwargs.pop("name", f"k{time.monotonic_ns()}"), **kwargs)
+    return offline.keys_create(
+        settings, name=kwargs.pop("name", f"k{time.monotonic_ns()}"), **kwargs
+    )
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -51,30 +55,47 @@ def ledger(tmp_path: Path) -> Path:
     return tmp_path / "data" / "ledger.db"
 
 
-def test_completion_returns_openai_shape_and_request_id(make_client: MakeClient, admin_headers: dict[str, str]) -> None:
+def test_completion_returns_openai_shape_and_request_id(
+    make_client: MakeClient, admin_headers: dict[str, str]
+) -> None:
     client = make_client()
     r = client.post(CHAT, json=chat_body(), headers=admin_headers)
     assert r.status_code == 200
     body = r.json()
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"]["content"].endswith("hello there")
-    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    assert (
+        body["usage"]["total_tokens"]
+        == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    )
     assert len(r.headers["x-request-id"]) >= 16
 
 
-def test_client_request_id_is_kept_and_unsafe_one_replaced(make_client: MakeClient, admin_headers: dict[str, str]) -> None:
+def test_client_request_id_is_kept_and_unsafe_one_replaced(
+    make_client: MakeClient, admin_headers: dict[str, str]
+) -> None:
     client = make_client()
-    r = client.post(CHAT, json=chat_body(), headers={**admin_headers, "x-request-id": "trace-abc.123"})
+    r = client.post(
+        CHAT, json=chat_body(), headers={**admin_headers, "x-request-id": "trace-abc.123"}
+    )
     assert r.headers["x-request-id"] == "trace-abc.123"
-    r = client.post(CHAT, json=chat_body(), headers={**admin_headers, "x-request-id": "bad id\twith space"})
+    r = client.post(
+        CHAT, json=chat_body(), headers={**admin_headers, "x-request-id": "bad id\twith space"}
+    )
     assert r.headers["x-request-id"] != "bad id\twith space"
 
 
 @pytest.mark.parametrize(
     ("headers", "code"),
-    [({}, "missing_api_key"), ({"authorization": "Bearer cv-not-a-real-key"}, "invalid_api_key"), ({"authorization": "Basic abc"}, "missing_api_key")],
+    [
+        ({}, "missing_api_key"),
+        ({"authorization": "Bearer cv-not-a-real-key"}, "invalid_api_key"),
+        ({"authorization": "Basic abc"}, "missing_api_key"),
+    ],
 )
-def test_401_without_a_valid_key(make_client: MakeClient, headers: dict[str, str], code: str) -> None:
+def test_401_without_a_valid_key(
+    make_client: MakeClient, headers: dict[str, str], code: str
+) -> None:
     client = make_client()
     error = assert_openai_error(client.post(CHAT, json=chat_body(), headers=headers), 401, code)
     assert "cv-not-a-real-key" not in error["message"]
@@ -97,31 +118,50 @@ def test_401_without_a_valid_key(make_client: MakeClient, headers: dict[str, str
         (orjson.dumps(chat_body(stream_options={"include_usage": True})), "stream_options"),
     ],
 )
-def test_400_for_bad_bodies_names_the_parameter(make_client: MakeClient, admin_headers: dict[str, str], raw: bytes, param: str | None) -> None:
+def test_400_for_bad_bodies_names_the_parameter(
+    make_client: MakeClient, admin_headers: dict[str, str], raw: bytes, param: str | None
+) -> None:
     client = make_client()
     error = assert_openai_error(
-        client.post(CHAT, content=raw, headers={**admin_headers, "content-type": "application/json"}), 400
+        client.post(
+            CHAT, content=raw, headers={**admin_headers, "content-type": "application/json"}
+        ),
+        400,
     )
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
 
 
-def test_404_unknown_model_and_route(make_client: MakeClient, admin_headers: dict[str, str]) -> None:
+def test_404_unknown_model_and_route(
+    make_client: MakeClient, admin_headers: dict[str, str]
+) -> None:
     client = make_client()
-    error = assert_openai_error(client.post(CHAT, json={**chat_body(), "model": "gpt-nope"}, headers=admin_headers), 404, "model_not_found")
+    error = assert_openai_error(
+        client.post(CHAT, json={**chat_body(), "model": "gpt-nope"}, headers=admin_headers),
+        404,
+        "model_not_found",
+    )
     assert "gpt-nope" in error["message"]
     assert_openai_error(client.get("/v1/nothing-here", headers=admin_headers), 404)
-    assert_openai_error(client.get("/v1/models/gpt-nope", headers=admin_headers), 404, "model_not_found")
+    assert_openai_error(
+        client.get("/v1/models/gpt-nope", headers=admin_headers), 404, "model_not_found"
+    )
 
 
-def test_403_model_not_allowed_and_models_listing_filtered(tmp_path: Path, make_client: MakeClient, make_settings: Any) -> None:
-    config = base_config(models=[
-        {"name": "mock", "provider": "mock"},
-        {"name": "mock-2", "provider": "mock", "model": "other"},
-    ])
+def test_403_model_not_allowed_and_models_listing_filtered(
+    tmp_path: Path, make_client: MakeClient, make_settings: Any
+) -> None:
+    config = base_config(
+        models=[
+            {"name": "mock", "provider": "mock"},
+            {"name": "mock-2", "provider": "mock", "model": "other"},
+        ]
+    )
     client = make_client(config)
     key = new_key(make_settings(config), models=("mock-2",))["key"]
-    assert_openai_error(client.post(CHAT, json=chat_body(), headers=bearer(key)), 403, "model_not_allowed")
+    assert_openai_error(
+        client.post(CHAT, json=chat_body(), headers=bearer(key)), 403, "model_not_allowed"
+    )
     ok = client.post(CHAT, json={**chat_body(), "model": "mock-2"}, headers=bearer(key))
     assert ok.status_code == 200
     listed = client.get("/v1/models", headers=bearer(key)).json()
@@ -130,11 +170,15 @@ def test_403_model_not_allowed_and_models_listing_filtered(tmp_path: Path, make_
     assert [m["id"] for m in everything["data"]] == ["mock", "mock-2"]
 
 
-def test_413_over_the_body_limit_changes_nothing(tmp_path: Path, make_client: MakeClient, admin_headers: dict[str, str]) -> None:
+def test_413_over_the_body_limit_changes_nothing(
+    tmp_path: Path, make_client: MakeClient, admin_headers: dict[str, str]
+) -> None:
     config = base_config(server={"max_body_bytes": 2000})
     client = make_client(config)
     big = chat_body("word " * 1000)
-    assert_openai_error(client.post(CHAT, json=big, headers=admin_headers), 413, "request_too_large")
+    assert_openai_error(
+        client.post(CHAT, json=big, headers=admin_headers), 413, "request_too_large"
+    )
     # Also when the client does not declare a length (chunked upload).
     chunks = iter([orjson.dumps(big)[:1500], orjson.dumps(big)[1500:]])
     assert_openai_error(client.post(CHAT, content=chunks, headers=admin_headers), 413)
@@ -142,7 +186,9 @@ def test_413_over_the_body_limit_changes_nothing(tmp_path: Path, make_client: Ma
     assert client.post(CHAT, json=chat_body(), headers=admin_headers).status_code == 200
 
 
-def test_429_rate_limit_with_retry_after_and_ratelimit_headers(make_client: MakeClient, make_settings: Any) -> None:
+def test_429_rate_limit_with_retry_after_and_ratelimit_headers(
+    make_client: MakeClient, make_settings: Any
+) -> None:
     config = base_config()
     client = make_client(config)
     key = new_key(make_settings(config), rpm=3)["key"]
@@ -176,35 +222,58 @@ def test_429_token_limit(make_client: MakeClient, make_settings: Any) -> None:
     assert r.headers["x-ratelimit-limit-tokens"] == "20"
 
 
-def test_429_budget_exceeded_after_spending(tmp_path: Path, make_client: MakeClient, make_settings: Any) -> None:
+def test_429_budget_exceeded_after_spending(
+    tmp_path: Path, make_client: MakeClient, make_settings: Any
+) -> None:
     config = base_config()
     client = make_client(config)
     # The mock's price makes a request cost about $0.0000083; allow about two of them.
     key = new_key(make_settings(config), budget_usd=0.000015)["key"]
-    statuses = [client.post(CHAT, json=chat_body(), headers=bearer(key)).status_code for _ in range(4)]
+    statuses = [
+        client.post(CHAT, json=chat_body(), headers=bearer(key)).status_code for _ in range(4)
+    ]
     assert statuses[:2] == [200, 200]
     assert statuses[2:] == [429, 429]
     r = client.post(CHAT, json=chat_body(), headers=bearer(key))
-    error = assert_openai_error(r, 429, "insufficient_quota")
+    assert_openai_error(r, 429, "insufficient_quota")
     assert r.headers["retry-after"]
     assert r.headers["x-should-retry"] == "false"
 
 
-def test_502_upstream_failure_and_ledger_row(tmp_path: Path, make_client: MakeClient, admin_headers: dict[str, str]) -> None:
+def test_502_upstream_failure_and_ledger_row(
+    tmp_path: Path, make_client: MakeClient, admin_headers: dict[str, str]
+) -> None:
     client = make_client()
-    assert_openai_error(client.post(CHAT, json=chat_body("please mock:fail"), headers=admin_headers), 502)
+    assert_openai_error(
+        client.post(CHAT, json=chat_body("please mock:fail"), headers=admin_headers), 502
+    )
     rows = wait_for(lambda: ledger_rows(ledger(tmp_path), "status_code = 502"))
     assert rows[0]["error_type"] == "upstream_error"
     assert rows[0]["model"] == "mock"
 
 
-def test_504_upstream_timeout(tmp_path: Path, make_client: MakeClient, admin_headers: dict[str, str]) -> None:
+def test_504_upstream_timeout(
+    tmp_path: Path, make_client: MakeClient, admin_headers: dict[str, str]
+) -> None:
     def hang(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("read timed out", request=request)
 
-    config = base_config(models=[{"name": "slow", "provider": "openai", "model": "m", "api_base": "http://upstream.test/v1"}])
+    config = base_config(
+        models=[
+            {
+                "name": "slow",
+                "provider": "openai",
+                "model": "m",
+                "api_base": "http://upstream.test/v1",
+            }
+        ]
+    )
     client = make_client(config, transport=httpx.MockTransport(hang))
-    error = assert_openai_error(client.post(CHAT, json={**chat_body(), "model": "slow"}, headers=admin_headers), 504, "upstream_timeout")
+    error = assert_openai_error(
+        client.post(CHAT, json={**chat_body(), "model": "slow"}, headers=admin_headers),
+        504,
+        "upstream_timeout",
+    )
     assert "upstream.test" not in error["message"]
 
 
@@ -218,9 +287,13 @@ def test_503_while_draining(make_client: MakeClient, admin_headers: dict[str, st
     assert client.get("/livez").status_code == 200
 
 
-def test_failure_after_stream_start_is_one_error_event_then_end(tmp_path: Path, make_client: MakeClient, admin_headers: dict[str, str]) -> None:
+def test_failure_after_stream_start_is_one_error_event_then_end(
+    tmp_path: Path, make_client: MakeClient, admin_headers: dict[str, str]
+) -> None:
     client = make_client()
-    with client.stream("POST", CHAT, json=chat_body("mock:fail-mid-stream", stream=True), headers=admin_headers) as r:
+    with client.stream(
+        "POST", CHAT, json=chat_body("mock:fail-mid-stream", stream=True), headers=admin_headers
+    ) as r:
         assert r.status_code == 200
         events = [e for e in r.read().decode().split("\n\n") if e]
     payloads = [orjson.loads(e.removeprefix("data: ")) for e in events]
@@ -232,7 +305,9 @@ def test_failure_after_stream_start_is_one_error_event_then_end(tmp_path: Path, 
     assert rows[0]["stream"] == 1
 
 
-def test_stream_usage_chunk_only_when_asked(make_client: MakeClient, admin_headers: dict[str, str]) -> None:
+def test_stream_usage_chunk_only_when_asked(
+    make_client: MakeClient, admin_headers: dict[str, str]
+) -> None:
     client = make_client()
 
     def chunks(**extra: Any) -> list[dict[str, Any]]:
@@ -248,32 +323,45 @@ def test_stream_usage_chunk_only_when_asked(make_client: MakeClient, admin_heade
     assert with_usage[-1]["usage"]["completion_tokens"] > 0
 
 
-def test_every_authenticated_request_has_a_ledger_row(tmp_path: Path, make_client: MakeClient, admin_headers: dict[str, str]) -> None:
+def test_every_authenticated_request_has_a_ledger_row(
+    tmp_path: Path, make_client: MakeClient, admin_headers: dict[str, str]
+) -> None:
     client = make_client()
     client.post(CHAT, json=chat_body(), headers=admin_headers)
     client.post(CHAT, json={**chat_body(), "model": "nope"}, headers=admin_headers)
     client.post(CHAT, content=b"{bad", headers=admin_headers)
-    client.post(CHAT, json=chat_body(), headers={"authorization": "Bearer wrong"})  # not authenticated: no row
+    client.post(
+        CHAT, json=chat_body(), headers={"authorization": "Bearer wrong"}
+    )  # not authenticated: no row
     rows = wait_for(lambda: (r := ledger_rows(ledger(tmp_path))) and len(r) >= 3 and r)
     assert sorted(r["status_code"] for r in rows) == [200, 400, 404]
 
 
 def test_embeddings(make_client: MakeClient, admin_headers: dict[str, str]) -> None:
     client = make_client()
-    r = client.post("/v1/embeddings", json={"model": "mock", "input": ["a b c", "d"]}, headers=admin_headers)
+    r = client.post(
+        "/v1/embeddings", json={"model": "mock", "input": ["a b c", "d"]}, headers=admin_headers
+    )
     assert r.status_code == 200
     body = r.json()
     assert [d["index"] for d in body["data"]] == [0, 1]
     assert body["usage"]["prompt_tokens"] == 4
-    assert_openai_error(client.post("/v1/embeddings", json={"model": "mock", "input": []}, headers=admin_headers), 400)
+    assert_openai_error(
+        client.post("/v1/embeddings", json={"model": "mock", "input": []}, headers=admin_headers),
+        400,
+    )
 
 
-def test_unexpected_error_is_a_generic_500_without_internals(make_client: MakeClient, admin_headers: dict[str, str]) -> None:
+def test_unexpected_error_is_a_generic_500_without_internals(
+    make_client: MakeClient, admin_headers: dict[str, str]
+) -> None:
     class Broken(httpx.AsyncBaseTransport):
         async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
             raise ZeroDivisionError("secret internal detail")
 
-    config = base_config(models=[{"name": "x", "provider": "openai", "model": "m", "api_base": "http://u.test/v1"}])
+    config = base_config(
+        models=[{"name": "x", "provider": "openai", "model": "m", "api_base": "http://u.test/v1"}]
+    )
     client = make_client(config, transport=Broken())
     r = client.post(CHAT, json={**chat_body(), "model": "x"}, headers=admin_headers)
     error = assert_openai_error(r, 500)

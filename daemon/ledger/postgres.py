@@ -146,7 +146,14 @@ class PostgresStore:
         )
         rows = await self.pool.fetch(sql, since)
         return [
-            UsageGroup(str(r[0]), int(r[1]), int(r[2] or 0), int(r[3] or 0), int(r[4] or 0), float(r[5] or 0))
+            UsageGroup(
+                str(r[0]),
+                int(r[1]),
+                int(r[2] or 0),
+                int(r[3] or 0),
+                int(r[4] or 0),
+                float(r[5] or 0),
+            )
             for r in rows
         ]
 

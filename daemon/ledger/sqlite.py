@@ -187,7 +187,9 @@ class SQLiteStore:
 
     async def day_stats(self, day_start: float) -> DayStats:
         def query(conn: sqlite3.Connection) -> DayStats:
-            (active,) = conn.execute("SELECT COUNT(*) FROM keys WHERE revoked_at IS NULL").fetchone()
+            (active,) = conn.execute(
+                "SELECT COUNT(*) FROM keys WHERE revoked_at IS NULL"
+            ).fetchone()
             n, cost = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(cost_usd), 0) FROM requests WHERE ts >= ?",
                 (day_start,),
@@ -268,7 +270,9 @@ class SQLiteStore:
         def probe(conn: sqlite3.Connection) -> StoreCheck:
             started = time.perf_counter()
             (rows,) = conn.execute("SELECT COUNT(*) FROM requests").fetchone()
-            (active,) = conn.execute("SELECT COUNT(*) FROM keys WHERE revoked_at IS NULL").fetchone()
+            (active,) = conn.execute(
+                "SELECT COUNT(*) FROM keys WHERE revoked_at IS NULL"
+            ).fetchone()
             writable, error = True, None
             try:
                 # A real write that leaves nothing behind.
@@ -280,9 +284,7 @@ class SQLiteStore:
             except sqlite3.Error as exc:
                 writable, error = False, str(exc)
             size = sum(
-                p.stat().st_size
-                for p in (self.path, Path(f"{self.path}-wal"))
-                if p.exists()
+                p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists()
             )
             return StoreCheck(
                 ok=True,

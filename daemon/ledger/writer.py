@@ -16,6 +16,7 @@ memory grow without limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -31,7 +32,9 @@ log = logging.getLogger("chatvault.ledger")
 class WriterObserver(Protocol):
     """Who wants to know about batches: metrics, tracing, the budget book."""
 
-    def batch_written(self, rows: Sequence[Usage], seconds: float, totals: dict[str, float]) -> None: ...
+    def batch_written(
+        self, rows: Sequence[Usage], seconds: float, totals: dict[str, float]
+    ) -> None: ...
 
     def batch_failed(self, rows: Sequence[Usage], seconds: float, error: BaseException) -> None: ...
 
@@ -104,10 +107,8 @@ class LedgerWriter:
     async def _run(self) -> None:
         backoff = 0.0
         while not self._closing:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self.flush_interval_s + backoff)
-            except TimeoutError:
-                pass
             self._wakeup.clear()
             if self._closing:
                 return
@@ -158,7 +159,9 @@ class SpendBook:
     def set_committed(self, totals: dict[str, float]) -> None:
         self._committed.update(totals)
 
-    def batch_written(self, rows: Sequence[Usage], seconds: float, totals: dict[str, float]) -> None:
+    def batch_written(
+        self, rows: Sequence[Usage], seconds: float, totals: dict[str, float]
+    ) -> None:
         for key_id, cost in spend_by_key(rows).items():
             left = self._pending.get(key_id, 0.0) - cost
             if left > 1e-12:

@@ -22,12 +22,17 @@ from daemon.errors import GatewayError, UpstreamError, UpstreamTimeout, Upstream
 from daemon.providers.base import SSE_DONE, ProbeResult, Reply, StreamInfo, UpstreamCall, sse_event
 from daemon.providers.openai_compat import upstream_status_error
 
+
 def _import_litellm() -> ModuleType:
     os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
     litellm = importlib.import_module("litellm")
-    litellm.telemetry = False
-    litellm.suppress_debug_info = True
-    litellm.drop_params = True  # drop OpenAI parameters a provider lacks, rather than fail
+    settings = {
+        "telemetry": False,
+        "suppress_debug_info": True,
+        "drop_params": True,  # drop OpenAI parameters a provider lacks, rather than fail
+    }
+    for name, value in settings.items():
+        setattr(litellm, name, value)
     return litellm
 
 

@@ -40,7 +40,9 @@ def message_text(content: Any) -> str:
         return content
     if isinstance(content, list):  # content parts
         return " ".join(
-            str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text"
+            str(p.get("text", ""))
+            for p in content
+            if isinstance(p, dict) and p.get("type") == "text"
         )
     return ""
 

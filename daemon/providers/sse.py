@@ -42,9 +42,7 @@ def event_data(event: bytes) -> bytes | None:
     """The payload of an event's ``data:`` lines, joined as the SSE spec says."""
     if event.startswith(b"data:") and event.count(b"\n") <= 2:
         return event[5:].strip()
-    parts = [
-        line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")
-    ]
+    parts = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(parts) if parts else None
 
 
@@ -64,8 +62,10 @@ def observe(event: bytes, info: StreamInfo, client_wants_usage: bool) -> bytes |
         return event
     if not isinstance(chunk, dict):
         return event
-    if "error" in chunk and chunk["error"]:
-        info.error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+    if chunk.get("error"):
+        info.error = (
+            chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+        )
         return event
     if not info.response_id and chunk.get("id"):
         info.response_id = str(chunk["id"])
