@@ -71,10 +71,14 @@ def serve(
     workers: Annotated[int | None, typer.Option(min=1, max=64, help="Worker processes")] = None,
 ) -> None:
     """Run the gateway in the foreground until SIGTERM or Ctrl-C."""
+    settings = _settings(config)
+    # The daemon manages prometheus_client's multiprocess directory itself (one per
+    # daemon, for --workers > 1); an inherited one would mix other processes' values.
+    # It must go before prometheus_client is imported.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     from daemon.server import StartupError
     from daemon.server import serve as run
 
-    settings = _settings(config)
     overrides = {
         k: v for k, v in (("host", host), ("port", port), ("workers", workers)) if v is not None
     }

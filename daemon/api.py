@@ -6,6 +6,7 @@ gateway; every failure after authentication is still accounted for in the ledger
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -14,7 +15,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from daemon.errors import GatewayError, InvalidRequest, NotFound, error_response
+from daemon.auth import bearer_token
+from daemon.errors import (
+    AuthenticationFailed,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    error_response,
+)
 from daemon.gateway import Gateway
 from daemon.providers.base import StreamInfo, UpstreamCall
 from daemon.requests import parse_chat, parse_embeddings, parse_json_object, read_body
@@ -128,8 +137,34 @@ async def readyz(request: Request) -> Response:
     )
 
 
-def routes() -> list[Route]:
-    return [
+async def metrics(request: Request) -> Response:
+    gw = _gateway(request)
+    assert gw.metrics is not None and gw.auth is not None
+    if gw.settings.monitoring.metrics.require_auth:
+        require_admin(gw, request)
+    gw.sample_metrics()
+    # Rendering (and, with several workers, reading their files) must not block the loop.
+    body, content_type = await asyncio.to_thread(
+        gw.metrics.exposition, request.headers.get("accept", "")
+    )
+    return Response(body, headers={"content-type": content_type})
+
+
+def require_admin(gw: Gateway, request: Request) -> None:
+    assert gw.auth is not None
+    header = request.headers.get("authorization")
+    if gw.auth.is_admin(header):
+        return
+    if bearer_token(header) is None:
+        raise AuthenticationFailed(
+            "This endpoint needs the admin key: 'Authorization: Bearer <admin key>'.",
+            code="missing_api_key",
+        )
+    raise PermissionDenied("This endpoint needs the admin key.", code="admin_key_required")
+
+
+def routes(*, metrics_enabled: bool = True) -> list[Route]:
+    out = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
@@ -137,6 +172,9 @@ def routes() -> list[Route]:
         Route("/livez", livez, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]
+    if metrics_enabled:
+        out.append(Route("/metrics", metrics, methods=["GET"]))
+    return out
 
 
 # -- errors, mapped once -------------------------------------------------------

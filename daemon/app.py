@@ -5,7 +5,8 @@
 
 Edges are injected, so tests need no monkeypatching: ``transport`` (the upstream HTTP
 transport, e.g. ``httpx.MockTransport``), ``clock`` (wall time for limits and
-timestamps), ``environ`` (upstream keys, admin key, OTEL_* variables).
+timestamps), ``environ`` (upstream keys, admin key, OTEL_* variables), ``registry``
+(the Prometheus registry; a fresh one per app by default, never the global one).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import httpx
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
@@ -25,6 +27,7 @@ from daemon.context import RequestContextMiddleware
 from daemon.gateway import Gateway
 from daemon.ledger.base import Store
 from daemon.limits import Limiter
+from daemon.metrics import MetricsCollector, MetricsMiddleware
 
 
 def create_app(
@@ -35,7 +38,11 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
     store: Store | None = None,
     limiter: Limiter | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> Starlette:
+    metrics = None
+    if settings.monitoring.metrics.enabled:
+        metrics = MetricsCollector(registry if registry is not None else CollectorRegistry())
     gateway = Gateway(
         settings,
         environ=os.environ if environ is None else environ,
@@ -43,6 +50,7 @@ def create_app(
         transport=transport,
         store=store,
         limiter=limiter,
+        metrics=metrics,
     )
 
     @asynccontextmanager
@@ -60,8 +68,11 @@ def create_app(
             access_log=settings.server.access_log,
         ),
     ]
+    if metrics is not None:
+        # Disabled metrics cost nothing: no middleware, no endpoint.
+        middleware.append(Middleware(MetricsMiddleware, collector=metrics))
     app = Starlette(
-        routes=api.routes(),
+        routes=api.routes(metrics_enabled=metrics is not None),
         middleware=middleware,
         exception_handlers=api.exception_handlers,
         lifespan=lifespan,

@@ -13,8 +13,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Literal, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from typing import Any, Literal, TypeVar
 
 import httpx
 
@@ -32,9 +32,10 @@ from daemon.errors import (
 )
 from daemon.keys import hash_key
 from daemon.ledger import open_store
-from daemon.ledger.base import Store
+from daemon.ledger.base import Store, day_start
 from daemon.ledger.writer import LedgerWriter, SpendBook
 from daemon.limits import Decision, Limiter, MemoryLimiter
+from daemon.metrics import MetricsCollector
 from daemon.pricing import cost_usd, litellm_cost_map, needs_cost_map, price_for
 from daemon.providers import build_provider, upstream_key
 from daemon.providers.base import Provider, Reply, StreamInfo, UpstreamCall
@@ -86,8 +87,10 @@ class Gateway:
         transport: httpx.AsyncBaseTransport | None = None,
         store: Store | None = None,
         limiter: Limiter | None = None,
+        metrics: MetricsCollector | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.environ = environ
         self.clock = clock
         self.lifecycle = Lifecycle()
@@ -99,7 +102,7 @@ class Gateway:
             batch_size=settings.ledger.batch_size,
             flush_interval_s=settings.ledger.flush_interval_s,
             max_queue=settings.ledger.max_queue,
-            observers=[self.spend],
+            observers=[self.spend] if metrics is None else [self.spend, metrics],
         )
         self.limiter: Limiter = limiter or MemoryLimiter()
         self.admin_key: AdminKey | None = None
@@ -124,6 +127,7 @@ class Gateway:
                 clock=self.clock,
                 spend=self.spend,
                 refresh_interval_s=s.auth.refresh_interval_s,
+                on_attempt=self.metrics.record_auth_attempt if self.metrics else None,
             )
             await self.auth.start()
             self._stack.push_async_callback(self.auth.aclose)
@@ -142,7 +146,40 @@ class Gateway:
             await self._stack.aclose()
             raise
         self._start_warmups()
+        if self.metrics is not None:
+            self._background(self._sample_loop(), "chatvault-metrics-sampler")
+            self._background(self._business_loop(), "chatvault-business-metrics")
         self.lifecycle.state = "ready"
+
+    def _background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._stack.callback(task.cancel)
+
+    async def _sample_loop(self, interval_s: float = 1.0) -> None:
+        assert self.metrics is not None
+        while True:
+            self.sample_metrics()
+            await asyncio.sleep(interval_s)
+
+    def sample_metrics(self) -> None:
+        """Copy current state (process, ledger queue) into gauges."""
+        if self.metrics is not None:
+            self.metrics.sample_process()
+            self.metrics.sample_ledger(self.writer.depth, self.writer.rows_dropped)
+
+    async def _business_loop(self) -> None:
+        metrics = self.metrics
+        assert metrics is not None
+        while True:
+            started = time.perf_counter()
+            try:
+                await metrics.update_business_metrics(
+                    lambda: self.store.day_stats(day_start(self.clock()))
+                )
+                metrics.record_db("day_stats", "requests", time.perf_counter() - started)
+            except Exception as exc:  # the database may be down; health reports it
+                log.warning("business metrics refresh failed: %s", exc)
+            await asyncio.sleep(self.settings.monitoring.metrics.business_refresh_s)
 
     def _start_warmups(self) -> None:
         """Slow imports (litellm) happen after start; /readyz says "starting" until done."""
@@ -159,8 +196,7 @@ class Gateway:
             finally:
                 self.lifecycle.pending_warmups -= 1
 
-        task = asyncio.create_task(warm(), name="chatvault-warmup")
-        self._stack.callback(task.cancel)
+        self._background(warm(), "chatvault-warmup")
 
     async def stop(self) -> None:
         self.lifecycle.state = "stopped"
@@ -214,6 +250,8 @@ class Gateway:
         if principal.budget_usd is not None:
             spent = self.spend.spent(principal.key_id)
             if spent >= principal.budget_usd:
+                if self.metrics is not None:
+                    self.metrics.record_rate_limit("budget", principal.user_type)
                 raise BudgetExceeded(
                     f"This key has used its budget of ${principal.budget_usd:.2f} "
                     f"(spent ${spent:.4f}).",
@@ -224,6 +262,10 @@ class Gateway:
                 )
         decision = await self.limiter.acquire(principal.limits, self.clock())
         if not decision.allowed:
+            if self.metrics is not None:
+                self.metrics.record_rate_limit(
+                    "rpm" if decision.limit_type == "requests" else "tpm", principal.user_type
+                )
             wait = max(decision.retry_after_s, 0.001)
             headers = dict(decision.headers)
             headers["Retry-After"] = str(max(math.ceil(wait), 1))
@@ -359,5 +401,7 @@ class Gateway:
             usage.cost_usd = cost_usd(usage.tokens, price)
         self.writer.submit(usage)
         self.spend.add(usage.key_id, usage.cost_usd)
+        if self.metrics is not None:
+            self.metrics.record_usage(usage)
         if usage.tokens.total:
             self.limiter.charge_tokens(usage.key_id, usage.tokens.total, self.clock())

@@ -15,14 +15,18 @@ import logging
 import logging.config
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
 import threading
 from collections.abc import Generator, Mapping
+from pathlib import Path
 from types import FrameType
 
+import psutil
 import uvicorn
+from prometheus_client import multiprocess as prom_multiprocess
 
 from daemon.app import create_app
 from daemon.config import Settings
@@ -148,8 +152,36 @@ def serve(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
         sock.close()
 
 
+def metrics_dir(settings: Settings) -> Path:
+    """A fresh private directory for the workers' metric files.
+
+    Named after this supervisor's pid so two daemons never share one; directories
+    left by supervisors that are gone are removed.
+    """
+    base = settings.data_dir
+    for stale in base.glob("prometheus-multiproc.*"):
+        pid = stale.suffix.lstrip(".")
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    path = base / f"prometheus-multiproc.{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, mode=0o700)
+    return path
+
+
 def _supervise(settings: Settings, sock: socket.socket, workers: int) -> int:
     """Keep N workers alive; on a signal, pass SIGTERM on and wait for their drain."""
+    mp_dir = metrics_dir(settings)
+    # Inherited by the spawned workers: their counters land in mp_dir, summed per scrape.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mp_dir)
+    try:
+        return _run_workers(settings, sock, workers, mp_dir)
+    finally:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        shutil.rmtree(mp_dir, ignore_errors=True)
+
+
+def _run_workers(settings: Settings, sock: socket.socket, workers: int, mp_dir: Path) -> int:
     ctx = multiprocessing.get_context("spawn")
     stopping = threading.Event()
     received: list[int] = []
@@ -180,6 +212,8 @@ def _supervise(settings: Settings, sock: socket.socket, workers: int) -> int:
                     break
                 restarts += 1
                 log.warning("worker %s died (exit %s); restarting", process.pid, process.exitcode)
+                if process.pid is not None:
+                    prom_multiprocess.mark_process_dead(process.pid, str(mp_dir))  # type: ignore[no-untyped-call]
                 processes[i] = start()
     finally:
         for process in processes:
