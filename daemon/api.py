@@ -37,11 +37,6 @@ def _gateway(request: Request) -> Gateway:
     return gateway
 
 
-def request_id(request: Request) -> str:
-    rid: str = request.scope["state"]["request_id"]
-    return rid
-
-
 def _json(payload: Any, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(payload), media_type=JSON, headers=headers)
 
@@ -50,7 +45,8 @@ async def _model_request(request: Request, operation: str) -> Response:
     gw = _gateway(request)
     assert gw.auth is not None
     principal = await gw.auth.authenticate(request.headers.get("authorization"))
-    usage = gw.new_usage(request_id(request), principal, operation)
+    state = request.scope["state"]
+    usage = gw.new_usage(state["request_id"], principal, operation, state.get("trace_id", ""))
     request.scope["state"]["usage"] = usage
     try:
         body = parse_json_object(await read_body(request, gw.settings.server.max_body_bytes))
@@ -74,7 +70,7 @@ async def _model_request(request: Request, operation: str) -> Response:
         # Ask upstream for usage even when the client did not, to count tokens; the
         # relay drops that extra chunk again.
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        info = StreamInfo()
+        info = StreamInfo(capture=gw.tracing is not None and gw.tracing.capture_content)
         events = await gw.open_stream(plan, call, usage, info)
     except BaseException as exc:  # every authenticated request leaves a ledger row
         gw.fail(usage, exc)
@@ -150,6 +146,14 @@ async def metrics(request: Request) -> Response:
     return Response(body, headers={"content-type": content_type})
 
 
+async def traces_status(request: Request) -> Response:
+    gw = _gateway(request)
+    require_admin(gw, request)
+    if gw.tracing is None:
+        return _json({"enabled": False})
+    return _json({"enabled": True, **gw.tracing.status.as_dict()})
+
+
 def require_admin(gw: Gateway, request: Request) -> None:
     assert gw.auth is not None
     header = request.headers.get("authorization")
@@ -171,6 +175,7 @@ def routes(*, metrics_enabled: bool = True) -> list[Route]:
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/livez", livez, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/admin/traces/status", traces_status, methods=["GET"]),
     ]
     if metrics_enabled:
         out.append(Route("/metrics", metrics, methods=["GET"]))

@@ -6,7 +6,8 @@
 Edges are injected, so tests need no monkeypatching: ``transport`` (the upstream HTTP
 transport, e.g. ``httpx.MockTransport``), ``clock`` (wall time for limits and
 timestamps), ``environ`` (upstream keys, admin key, OTEL_* variables), ``registry``
-(the Prometheus registry; a fresh one per app by default, never the global one).
+(the Prometheus registry; a fresh one per app by default, never the global one),
+``span_exporter`` (where spans go; default: OTLP as configured).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import httpx
+from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -28,6 +30,7 @@ from daemon.gateway import Gateway
 from daemon.ledger.base import Store
 from daemon.limits import Limiter
 from daemon.metrics import MetricsCollector, MetricsMiddleware
+from daemon.tracing import Tracing, TracingMiddleware
 
 
 def create_app(
@@ -39,18 +42,22 @@ def create_app(
     store: Store | None = None,
     limiter: Limiter | None = None,
     registry: CollectorRegistry | None = None,
+    span_exporter: SpanExporter | None = None,
 ) -> Starlette:
+    environ = os.environ if environ is None else environ
+    tracing = Tracing.create(settings.monitoring.tracing, environ, span_exporter)
     metrics = None
     if settings.monitoring.metrics.enabled:
         metrics = MetricsCollector(registry if registry is not None else CollectorRegistry())
     gateway = Gateway(
         settings,
-        environ=os.environ if environ is None else environ,
+        environ=environ,
         clock=clock,
         transport=transport,
         store=store,
         limiter=limiter,
         metrics=metrics,
+        tracing=tracing,
     )
 
     @asynccontextmanager
@@ -71,6 +78,8 @@ def create_app(
     if metrics is not None:
         # Disabled metrics cost nothing: no middleware, no endpoint.
         middleware.append(Middleware(MetricsMiddleware, collector=metrics))
+    if tracing is not None:
+        middleware.append(Middleware(TracingMiddleware, tracing=tracing))
     app = Starlette(
         routes=api.routes(metrics_enabled=metrics is not None),
         middleware=middleware,

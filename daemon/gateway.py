@@ -14,9 +14,11 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Literal, TypeVar
 
 import httpx
+from opentelemetry.trace import Span
 
 from daemon.auth import Authenticator, Principal
 from daemon.config import Settings
@@ -43,6 +45,15 @@ from daemon.providers.litellm_provider import LiteLLMProvider
 from daemon.providers.sse import observe
 from daemon.router import Deployment, Router
 from daemon.state import AdminKey, ensure_admin_key
+from daemon.tracing import (
+    Tracing,
+    end_chat_completion,
+    instrument_authentication,
+    instrument_chat_completion,
+    instrument_database_operation,
+    instrument_rate_limiting,
+    output_messages,
+)
 from daemon.usage import Usage
 
 log = logging.getLogger("chatvault.gateway")
@@ -88,9 +99,11 @@ class Gateway:
         store: Store | None = None,
         limiter: Limiter | None = None,
         metrics: MetricsCollector | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.tracing = tracing
         self.environ = environ
         self.clock = clock
         self.lifecycle = Lifecycle()
@@ -103,6 +116,7 @@ class Gateway:
             flush_interval_s=settings.ledger.flush_interval_s,
             max_queue=settings.ledger.max_queue,
             observers=[self.spend] if metrics is None else [self.spend, metrics],
+            instrument=self._instrument_batch if tracing is not None else None,
         )
         self.limiter: Limiter = limiter or MemoryLimiter()
         self.admin_key: AdminKey | None = None
@@ -116,6 +130,10 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         try:
+            if self.tracing is not None:
+                tracing = self.tracing
+                # Closed last, after the ledger's final batch spans; bounded in time.
+                self._stack.push_async_callback(asyncio.to_thread, tracing.shutdown)
             self.admin_key = ensure_admin_key(s.state_file, s.auth.admin_key_env, self.environ)
             await self.store.open()
             self._stack.push_async_callback(self.store.close)
@@ -127,7 +145,7 @@ class Gateway:
                 clock=self.clock,
                 spend=self.spend,
                 refresh_interval_s=s.auth.refresh_interval_s,
-                on_attempt=self.metrics.record_auth_attempt if self.metrics else None,
+                on_attempt=self._on_auth_attempt,
             )
             await self.auth.start()
             self._stack.push_async_callback(self.auth.aclose)
@@ -162,10 +180,23 @@ class Gateway:
             await asyncio.sleep(interval_s)
 
     def sample_metrics(self) -> None:
-        """Copy current state (process, ledger queue) into gauges."""
+        """Copy current state (process, ledger queue, span export) into metrics."""
         if self.metrics is not None:
             self.metrics.sample_process()
             self.metrics.sample_ledger(self.writer.depth, self.writer.rows_dropped)
+            if self.tracing is not None:
+                self.metrics.sample_tracing(self.tracing.status)
+
+    def _on_auth_attempt(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.record_auth_attempt(result)
+        if self.tracing is not None:
+            instrument_authentication(result)
+
+    def _instrument_batch(self, rows: int) -> AbstractContextManager[Any]:
+        return instrument_database_operation(
+            self.tracing, "INSERT", "requests", system=self.store.kind, rows=rows
+        )
 
     async def _business_loop(self) -> None:
         metrics = self.metrics
@@ -227,8 +258,13 @@ class Gateway:
 
     # -- the request pipeline ---------------------------------------------------
 
-    def new_usage(self, request_id: str, principal: Principal, operation: str) -> Usage:
+    def new_usage(
+        self, request_id: str, principal: Principal, operation: str, trace_id: str = ""
+    ) -> Usage:
+        if self.tracing is not None:
+            instrument_authentication("success", principal.key_id, principal.user_type)
         return Usage(
+            trace_id=trace_id,
             request_id=request_id,
             started_at=self.clock(),
             key_id=principal.key_id,
@@ -261,6 +297,8 @@ class Gateway:
                     },
                 )
         decision = await self.limiter.acquire(principal.limits, self.clock())
+        if self.tracing is not None:
+            instrument_rate_limiting(decision.allowed, decision.limit_type, decision.retry_after_s)
         if not decision.allowed:
             if self.metrics is not None:
                 self.metrics.record_rate_limit(
@@ -313,11 +351,14 @@ class Gateway:
             usage.provider = deployment.provider_name
             usage.upstream_model = deployment.upstream_model
             usage.deployment_index = deployment.index
+            span = self._start_upstream_span(deployment, call, usage)
             started = time.perf_counter()
             try:
                 result = await attempt(deployment.provider)
             except GatewayError as exc:
                 usage.upstream_latency_s = time.perf_counter() - started
+                if span is not None:
+                    end_chat_completion(span, usage, error=exc.kind)
                 last = exc
                 if _retryable(exc):
                     log.warning(
@@ -329,15 +370,38 @@ class Gateway:
                     continue
                 raise
             usage.upstream_latency_s = time.perf_counter() - started
+            usage.upstream_span = span  # ended by finish(), with the outcome
             return result
         assert last is not None
         raise last
+
+    def _start_upstream_span(
+        self, deployment: Deployment, call: UpstreamCall, usage: Usage
+    ) -> Span | None:
+        if self.tracing is None:
+            return None
+        provider = deployment.provider
+        span = instrument_chat_completion(
+            self.tracing,
+            usage,
+            provider=deployment.provider_name,
+            upstream_model=deployment.upstream_model,
+            server_address=provider.server_address,
+            server_port=provider.server_port,
+            body=call.body,
+        )
+        headers: dict[str, str] = {}
+        self.tracing.inject(span, headers)  # the upstream's parent is this attempt's span
+        call.headers = headers
+        return span
 
     def _apply_reply(self, usage: Usage, reply: Reply) -> None:
         usage.tokens = reply.tokens
         usage.response_model = reply.response_model
         usage.response_id = reply.response_id
         usage.finish_reasons = reply.finish_reasons
+        if self.tracing is not None and self.tracing.capture_content:
+            usage.output_text = reply.output_text()
 
     async def relay(
         self,
@@ -383,6 +447,8 @@ class Gateway:
             usage.response_model = info.response_model
             usage.response_id = info.response_id
             usage.finish_reasons = tuple(info.finish_reasons)
+            if info.capture:
+                usage.output_text = "".join(info.text)
             self.finish(usage)
 
     def fail(self, usage: Usage, exc: BaseException) -> None:
@@ -403,5 +469,11 @@ class Gateway:
         self.spend.add(usage.key_id, usage.cost_usd)
         if self.metrics is not None:
             self.metrics.record_usage(usage)
+        if usage.upstream_span is not None:
+            output = None
+            if usage.output_text is not None:
+                output = output_messages(usage.output_text, usage.finish_reasons)
+            end_chat_completion(usage.upstream_span, usage, error=usage.error_type, output=output)
+            usage.upstream_span = None
         if usage.tokens.total:
             self.limiter.charge_tokens(usage.key_id, usage.tokens.total, self.clock())

@@ -45,6 +45,7 @@ def logging_config(level: str = "info") -> dict[str, Any]:
             "uvicorn.error": {"level": level},
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
             "LiteLLM": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
+            "opentelemetry": {"handlers": ["stderr"], "level": "ERROR", "propagate": False},
         },
     }
 

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from daemon import __version__
 from daemon.context import route_template
 from daemon.ledger.base import DayStats
+from daemon.trace_export import ExportStatus
 from daemon.usage import TokenCounts, Usage
 
 # GenAI semantic-convention bucket sets, extended where LLM calls run long.
@@ -241,6 +242,27 @@ class MetricsCollector:
         self.spend_today = gauge(
             "chatvault_spend_today_usd", "Spend in the ledger since midnight UTC, USD.", mode="max"
         )
+        # Span export
+        self.trace_exported = counter(
+            "chatvault_trace_spans_exported", "Spans the collector accepted."
+        )
+        self.trace_failures = counter(
+            "chatvault_trace_export_failures",
+            "Span export calls that failed (collector down, slow or refusing).",
+        )
+        self.trace_dropped = counter(
+            "chatvault_trace_spans_dropped", "Spans dropped because the export queue was full."
+        )
+        self.trace_queue = gauge("chatvault_trace_queue_size", "Spans waiting to be exported.")
+        self.trace_capacity = gauge(
+            "chatvault_trace_queue_capacity", "Capacity of the span export queue.", mode="max"
+        )
+        self.trace_last_success = gauge(
+            "chatvault_trace_last_success_timestamp_seconds",
+            "When spans were last exported, unix seconds (0: never).",
+            mode="max",
+        )
+        self._trace_seen = (0, 0, 0)
         # Process
         self.cpu_seconds = counter(
             "chatvault_process_cpu_seconds", "CPU time used by the gateway's processes."
@@ -364,6 +386,19 @@ class MetricsCollector:
         if dropped > self._dropped_seen:
             self.ledger_dropped.inc(dropped - self._dropped_seen)
             self._dropped_seen = dropped
+
+    def sample_tracing(self, status: ExportStatus) -> None:
+        seen = self._trace_seen
+        now = (status.spans_exported, status.export_failures, status.spans_dropped)
+        for counter, before, after in zip(
+            (self.trace_exported, self.trace_failures, self.trace_dropped), seen, now, strict=True
+        ):
+            if after > before:
+                counter.inc(after - before)
+        self._trace_seen = now
+        self.trace_queue.set(status.queue_size)
+        self.trace_capacity.set(status.queue_capacity)
+        self.trace_last_success.set(status.last_success or 0)
 
     def series_count(self) -> int:
         return sum(len(m.samples) for m in self._scrape_registry().collect())

@@ -72,9 +72,12 @@ class Usage:
     response_model: str = ""
     response_id: str = ""
     finish_reasons: tuple[str, ...] = ()
-    # Not stored: perf_counter() at arrival, for durations; the deployment that served.
+    # Not stored: perf_counter() at arrival, for durations; the deployment that served;
+    # the open upstream span, ended with the outcome; captured output (capture_content).
     perf_start: float = 0.0
     deployment_index: int = -1
+    upstream_span: Any = None
+    output_text: str | None = None
 
     @property
     def ok(self) -> bool:

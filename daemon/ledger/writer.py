@@ -20,8 +20,9 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from daemon.ledger.base import Store, spend_by_key
 from daemon.usage import Usage
@@ -49,6 +50,7 @@ class LedgerWriter:
         max_queue: int = 100_000,
         max_backoff_s: float = 5.0,
         observers: Sequence[WriterObserver] = (),
+        instrument: Callable[[int], AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.store = store
         self.batch_size = batch_size
@@ -56,6 +58,7 @@ class LedgerWriter:
         self.max_queue = max_queue
         self.max_backoff_s = max_backoff_s
         self.observers = list(observers)
+        self.instrument = instrument  # wraps each batch write, e.g. in a span
         self._queue: deque[Usage] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -120,7 +123,8 @@ class LedgerWriter:
         batch = [self._queue.popleft() for _ in range(n)]
         started = time.perf_counter()
         try:
-            totals = await self.store.write_requests(batch)
+            with self.instrument(n) if self.instrument else contextlib.nullcontext():
+                totals = await self.store.write_requests(batch)
         except Exception as exc:  # any store failure: keep the rows, retry later
             self._queue.extendleft(reversed(batch))
             self.write_failures += 1

@@ -35,6 +35,15 @@ class Reply:
     response_id: str = ""
     finish_reasons: tuple[str, ...] = ()
 
+    def output_text(self) -> str | None:
+        """The first choice's text (only read when content capture is on)."""
+        try:
+            parsed = orjson.loads(self.body)
+            content = parsed["choices"][0]["message"]["content"]
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+            return None
+        return content if isinstance(content, str) else None
+
     @classmethod
     def from_json(cls, body: bytes, parsed: Any) -> Reply:
         if not isinstance(parsed, dict):
@@ -67,6 +76,8 @@ class StreamInfo:
     saw_usage: bool = False
     error: dict[str, Any] | None = None
     events: int = 0
+    capture: bool = False  # keep the streamed text (monitoring.tracing.capture_content)
+    text: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

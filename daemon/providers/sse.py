@@ -74,8 +74,13 @@ def observe(event: bytes, info: StreamInfo, client_wants_usage: bool) -> bytes |
     choices = chunk.get("choices")
     if choices:
         for choice in choices:
-            if isinstance(choice, dict) and choice.get("finish_reason"):
-                info.finish_reasons.append(str(choice["finish_reason"]))
+            if isinstance(choice, dict):
+                if choice.get("finish_reason"):
+                    info.finish_reasons.append(str(choice["finish_reason"]))
+                if info.capture:
+                    delta = choice.get("delta")
+                    if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                        info.text.append(delta["content"])
     usage = chunk.get("usage")
     if usage:
         info.tokens = TokenCounts.from_openai(usage)
