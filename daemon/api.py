@@ -123,6 +123,8 @@ async def readyz(request: Request) -> Response:
     lifecycle = gw.lifecycle
     if lifecycle.state == "ready" and lifecycle.pending_warmups:
         state = "starting"
+    elif lifecycle.state == "ready" and not gw.health.database_ok:
+        state = "database_unreachable"
     else:
         state = lifecycle.state
     ready = state == "ready"
@@ -144,6 +146,23 @@ async def metrics(request: Request) -> Response:
         gw.metrics.exposition, request.headers.get("accept", "")
     )
     return Response(body, headers={"content-type": content_type})
+
+
+async def health(request: Request) -> Response:
+    gw = _gateway(request)
+    assert gw.auth is not None
+    admin = gw.auth.is_admin(request.headers.get("authorization"))
+    if request.query_params.get("refresh", "").lower() in ("1", "true", "yes"):
+        if not admin:
+            raise PermissionDenied("refresh=true needs the admin key.", code="admin_key_required")
+        await gw.health.check_round()  # every probe in it is bounded by the probe timeout
+    body, status = gw.health.report(gw, detailed=admin)
+    return Response(
+        orjson.dumps(body),
+        status_code=status,
+        media_type=JSON,
+        headers={"cache-control": "no-store"},
+    )
 
 
 async def traces_status(request: Request) -> Response:
@@ -175,6 +194,7 @@ def routes(*, metrics_enabled: bool = True) -> list[Route]:
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/livez", livez, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
         Route("/admin/traces/status", traces_status, methods=["GET"]),
     ]
     if metrics_enabled:

@@ -32,6 +32,7 @@ from daemon.errors import (
     as_gateway_error,
     sse_error_event,
 )
+from daemon.health import HealthMonitor
 from daemon.keys import hash_key
 from daemon.ledger import open_store
 from daemon.ledger.base import Store, day_start
@@ -123,6 +124,7 @@ class Gateway:
         self.auth: Authenticator | None = None
         self.http: httpx.AsyncClient | None = None
         self.router = Router([])
+        self.health = HealthMonitor(settings, store=self.store, deployments=[], clock=clock)
         self._stack = contextlib.AsyncExitStack()
 
     # -- lifetime --------------------------------------------------------------
@@ -159,11 +161,17 @@ class Gateway:
                 ),
             )
             self._stack.push_async_callback(self.http.aclose)
-            self.router = Router(self._deployments(self.http), self.is_up)
+            deployments = self._deployments(self.http)
+            self.health = HealthMonitor(
+                s, store=self.store, deployments=deployments, clock=self.clock
+            )
+            self.health.on_round = self._health_round_done
+            self.router = Router(deployments, self.health.is_up)
         except BaseException:
             await self._stack.aclose()
             raise
         self._start_warmups()
+        self._background(self.health.run(), "chatvault-health")
         if self.metrics is not None:
             self._background(self._sample_loop(), "chatvault-metrics-sampler")
             self._background(self._business_loop(), "chatvault-business-metrics")
@@ -253,8 +261,13 @@ class Gateway:
             d.provider for d in self.router.deployments if isinstance(d.provider, LiteLLMProvider)
         ]
 
-    def is_up(self, deployment: Deployment) -> bool:
-        return deployment.problem is None
+    def _health_round_done(self) -> None:
+        if self.metrics is not None:
+            components = self.health.components(self)
+            self.metrics.sample_health(
+                {name: c.status for name, c in components.items()},
+                {u.name: u.reachable for u in self.health.upstreams.values()},
+            )
 
     # -- the request pipeline ---------------------------------------------------
 
@@ -359,6 +372,8 @@ class Gateway:
                 usage.upstream_latency_s = time.perf_counter() - started
                 if span is not None:
                     end_chat_completion(span, usage, error=exc.kind)
+                if isinstance(exc, UpstreamError):
+                    self.health.report_failure(deployment, exc.kind)
                 last = exc
                 if _retryable(exc):
                     log.warning(
@@ -370,6 +385,7 @@ class Gateway:
                     continue
                 raise
             usage.upstream_latency_s = time.perf_counter() - started
+            self.health.report_success(deployment)
             usage.upstream_span = span  # ended by finish(), with the outcome
             return result
         assert last is not None

@@ -263,6 +263,19 @@ class MetricsCollector:
             mode="max",
         )
         self._trace_seen = (0, 0, 0)
+        # Health, refreshed after each background check round
+        self.upstream_up = gauge(
+            "chatvault_upstream_up",
+            "1 when the upstream answered its last probe, 0 when not.",
+            ("upstream",),
+            mode="min",
+        )
+        self.component_status = gauge(
+            "chatvault_health_status",
+            "Health by component (and overall): 0 healthy, 1 degraded, 2 unhealthy.",
+            ("component",),
+            mode="max",
+        )
         # Process
         self.cpu_seconds = counter(
             "chatvault_process_cpu_seconds", "CPU time used by the gateway's processes."
@@ -399,6 +412,16 @@ class MetricsCollector:
         self.trace_queue.set(status.queue_size)
         self.trace_capacity.set(status.queue_capacity)
         self.trace_last_success.set(status.last_success or 0)
+
+    def sample_health(self, components: dict[str, str], upstreams: dict[str, bool | None]) -> None:
+        from daemon.health import RANK, overall
+
+        for name, status in components.items():
+            self.component_status.labels(name).set(RANK[status])
+        self.component_status.labels("overall").set(RANK[overall(components)])
+        for name, reachable in upstreams.items():
+            if reachable is not None:
+                self.upstream_up.labels(name).set(1 if reachable else 0)
 
     def series_count(self) -> int:
         return sum(len(m.samples) for m in self._scrape_registry().collect())

@@ -36,6 +36,10 @@ class Upstream:
     reply_words: tuple[str, ...] = ("Hello", "from", "upstream")
     usage: tuple[int, int] = (11, 3)  # prompt, completion tokens it reports
 
+    def posts(self) -> list[Received]:
+        """What the gateway sent, without its health probes (GET /v1/models)."""
+        return [r for r in self.received if r.body]
+
     async def _record(self, request: Request) -> dict[str, Any]:
         body = await request.json() if request.method == "POST" else {}
         self.received.append(Received(request.url.path, dict(request.headers), body))

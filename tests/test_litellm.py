@@ -65,7 +65,7 @@ def test_openai_request_becomes_an_anthropic_messages_call_and_back(setup) -> No
     assert completion.choices[0].finish_reason == "stop"  # end_turn, translated
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (17, 6)
     # There: Anthropic's shape.
-    sent = state.received[-1]
+    sent = state.posts()[-1]
     assert sent.path == "/v1/messages"
     assert sent.headers["x-api-key"] == "sk-ant-test"
     assert "anthropic-version" in sent.headers
@@ -102,6 +102,6 @@ def test_anthropic_stream_becomes_openai_chunks_with_usage(setup) -> None:  # ty
             usage = chunk.usage
     assert text == "Bonjour from Claude"
     assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (17, 6)
-    assert state.received[-1].body["stream"] is True
+    assert state.posts()[-1].body["stream"] is True
     rows = wait_for(lambda: ledger_rows(daemon.ledger_path, "stream = 1"))
     assert (rows[0]["input_tokens"], rows[0]["output_tokens"]) == (17, 6)

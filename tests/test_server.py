@@ -261,7 +261,7 @@ def test_openai_compatible_upstream_is_passed_through(tmp_path: Path) -> None:
                 if c.choices
             )
             assert text.split() == ["alpha", "beta", "gamma"]
-            first, second = state.received
+            first, second = state.posts()
             assert first.body["model"] == "up-model" and "stream" not in first.body
             assert first.headers["authorization"] == "Bearer sk-upstream-secret"
             assert second.body["stream_options"] == {"include_usage": True}
@@ -294,7 +294,7 @@ def test_unreachable_deployment_falls_back_to_the_next_one(tmp_path: Path) -> No
                 assert client.chat.completions.create(
                     model="pool", messages=[{"role": "user", "content": "hi"}]
                 ).choices
-            assert {r.body["model"] for r in state.received} == {"b"}
+            assert {r.body["model"] for r in state.posts()} == {"b"}
 
 
 def test_bad_config_fails_with_the_key_path_not_a_traceback(tmp_path: Path) -> None:

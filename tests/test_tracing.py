@@ -211,7 +211,7 @@ def test_traceparent_sent_upstream_names_the_client_span(tmp_path: Path) -> None
                 model="remote", messages=[{"role": "user", "content": "hi"}]
             )
             upstream_span = next(s for s in spans_of(receiver, trace_id, 2) if s.kind == CLIENT)
-            sent = state.received[-1].headers["traceparent"]
+            sent = state.posts()[-1].headers["traceparent"]
             _, sent_trace, sent_parent, _ = sent.split("-")
             assert sent_trace == trace_id
             assert sent_parent == upstream_span.span_id

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from daemon.ledger.base import Store
-from daemon.ledger.sqlite import SQLiteStore, sqlite_path
+from daemon.ledger.sqlite import SQLiteStore, parse_sqlite_url
 
 
 def open_store(url: str) -> Store:
     """A store for a ledger URL (not yet opened)."""
     if url.startswith("sqlite:"):
-        return SQLiteStore(sqlite_path(url))
+        path, read_only = parse_sqlite_url(url)
+        return SQLiteStore(path, read_only=read_only)
     if url.startswith(("postgresql:", "postgres:")):
         from daemon.ledger.postgres import PostgresStore  # asyncpg only when used
 

@@ -92,16 +92,21 @@ _GROUP_EXPR = {
 }
 
 
-def sqlite_path(url: str) -> Path:
-    return Path(url.removeprefix("sqlite:///").removeprefix("sqlite://"))
+def parse_sqlite_url(url: str) -> tuple[Path, bool]:
+    """``sqlite:///path.db`` and ``sqlite:///path.db?mode=ro`` (read-only, e.g. a replica)."""
+    rest = url.removeprefix("sqlite:///").removeprefix("sqlite://")
+    path, _, query = rest.partition("?")
+    return Path(path), "mode=ro" in query.split("&")
 
 
 class SQLiteStore:
     kind = "sqlite"
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
+    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0, read_only: bool = False) -> None:
         self.path = path
-        self.description = f"sqlite:{path}"
+        self.read_only = read_only
+        self.description = f"sqlite:{path}" + (" (read-only)" if read_only else "")
+        self._identity: tuple[int, int] | None = None
         self._busy_timeout_s = busy_timeout_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatvault-sqlite")
         self._conn: sqlite3.Connection | None = None
@@ -118,18 +123,30 @@ class SQLiteStore:
         return fn(self._conn)
 
     def _connect(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(
-            self.path,
-            timeout=self._busy_timeout_s,
-            check_same_thread=False,
-            isolation_level=None,  # explicit transactions only
-        )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.executescript(SCHEMA)
+        if self.path.is_dir():
+            raise sqlite3.OperationalError(f"{self.path} is a directory, not a database file")
+        options: dict[str, Any] = {
+            "timeout": self._busy_timeout_s,
+            "check_same_thread": False,
+            "isolation_level": None,  # explicit transactions only
+        }
+        if self.read_only:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, **options)
+            try:
+                conn.execute("SELECT value FROM meta WHERE name = 'keys_generation'")
+            except sqlite3.Error:
+                conn.close()
+                raise sqlite3.OperationalError(
+                    f"{self.path} is opened read-only and holds no ChatVault ledger"
+                ) from None
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, **options)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(SCHEMA)
         self._conn = conn
+        self._identity = _identity(self.path)
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -269,6 +286,14 @@ class SQLiteStore:
     async def check(self) -> StoreCheck:
         def probe(conn: sqlite3.Connection) -> StoreCheck:
             started = time.perf_counter()
+            if _identity(self.path) != self._identity:
+                # Writes would go on into the old, unlinked file: nothing anyone can read.
+                return StoreCheck(
+                    ok=False,
+                    writable=False,
+                    latency_s=0.0,
+                    error=f"{self.path} was replaced or removed while open; restart the daemon",
+                )
             (rows,) = conn.execute("SELECT COUNT(*) FROM requests").fetchone()
             (active,) = conn.execute(
                 "SELECT COUNT(*) FROM keys WHERE revoked_at IS NULL"
@@ -313,6 +338,14 @@ class _transaction:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _bump_generation(conn: sqlite3.Connection) -> None:

@@ -68,10 +68,18 @@ class LedgerWriter:
         self.rows_dropped = 0
         self.last_error: str | None = None
         self.last_success: float | None = None
+        self.last_failure: float | None = None
 
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def failing(self) -> bool:
+        """The most recent write attempt failed."""
+        if self.last_failure is None:
+            return False
+        return self.last_success is None or self.last_failure > self.last_success
 
     def submit(self, usage: Usage) -> None:
         if len(self._queue) >= self.max_queue:
@@ -128,6 +136,7 @@ class LedgerWriter:
         except Exception as exc:  # any store failure: keep the rows, retry later
             self._queue.extendleft(reversed(batch))
             self.write_failures += 1
+            self.last_failure = time.time()
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("ledger write failed (%d rows kept for retry): %s", n, self.last_error)
             for observer in self.observers:

@@ -179,8 +179,9 @@ class OpenAICompatProvider:
                 timeout=timeout_s,
             )
         except httpx.HTTPError as exc:
-            error = transport_error(exc, self.name)
-            return ProbeResult(False, time.perf_counter() - started, error.message)
+            detail = str(exc) or type(exc).__name__
+            message = f"{transport_error(exc, self.name).message} ({detail[:200]})"
+            return ProbeResult(False, time.perf_counter() - started, message)
         latency = time.perf_counter() - started
         if response.status_code != 200:
             return ProbeResult(False, latency, f"HTTP {response.status_code}")
