@@ -73,8 +73,13 @@ def find_target(
 ) -> Target:
     environ = os.environ if environ is None else environ
     path = config_path or default_config_path(environ)
+    url = url or environ.get("CHATVAULT_URL")
+    if url and (admin_key or environ.get("CHATVAULT_ADMIN_KEY")) and config_path is None:
+        # Everything is known already: skip reading the config (it costs a YAML import).
+        given = admin_key or environ["CHATVAULT_ADMIN_KEY"]
+        return Target(url.rstrip("/"), given, "flag" if admin_key else "environment")
     raw = _read_yaml(path) if path.exists() else {}
-    resolved_url = url or environ.get("CHATVAULT_URL") or _url_from_config(raw, environ)
+    resolved_url = url or _url_from_config(raw, environ)
     resolved_url = (resolved_url or DEFAULT_URL).rstrip("/")
     if admin_key:
         return Target(resolved_url, admin_key, "flag")
@@ -83,11 +88,12 @@ def find_target(
     if environ.get(env_name):
         return Target(resolved_url, environ[env_name], "environment")
     state_file = _state_file(path, raw)
+    key: object = None
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
         key = state.get("admin_key") if isinstance(state, dict) else None
     except (OSError, ValueError):
-        key = None
+        pass
     if isinstance(key, str) and key:
         return Target(resolved_url, key, "state file")
     return Target(resolved_url, None, "none")

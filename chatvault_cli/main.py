@@ -27,8 +27,15 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="Create, list and revoke API keys (against the ledger database).")
 config_app = typer.Typer(help="Check the configuration.")
+metrics_app = typer.Typer(help="Live figures from the daemon's /metrics.")
+traces_app = typer.Typer(help="The daemon's trace export.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
+app.add_typer(metrics_app, name="metrics")
+app.add_typer(traces_app, name="traces")
+
+# Exit codes of the commands that talk to a daemon (documented in the README).
+OK, DEGRADED, UNHEALTHY, UNREACHABLE, NOT_AUTHORIZED = 0, 1, 2, 3, 4
 
 ConfigOption = Annotated[
     Path | None,
@@ -37,6 +44,21 @@ ConfigOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+UrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--url", help="Daemon URL [default: $CHATVAULT_URL, else the config's host and port]"
+    ),
+]
+AdminKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--admin-key", help="[default: $CHATVAULT_ADMIN_KEY, else the daemon's state file]"
+    ),
+]
+TimeoutOption = Annotated[
+    float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the daemon")
+]
 
 out = render.make_console()
 err = render.make_console(stderr=True)
@@ -256,6 +278,276 @@ def usage(
         writer.writerows(rows)
     else:
         render.usage_table(out, by, rows, since)
+
+
+# -- commands that talk to a running daemon ------------------------------------------
+
+
+def _client(url: str | None, admin_key: str | None, config: Path | None, timeout: float) -> Any:
+    from chatvault_cli.client import DaemonClient, Unreachable
+    from chatvault_cli.locate import find_target
+
+    target = find_target(url=url, admin_key=admin_key, config_path=config)
+    try:
+        return DaemonClient(target.url, admin_key=target.admin_key, timeout=timeout)
+    except Unreachable as exc:
+        render.error(err, str(exc))
+        raise typer.Exit(UNREACHABLE) from None
+
+
+def health_exit_code(status: str, fail_on: str) -> int:
+    if status == "unhealthy":
+        return UNHEALTHY
+    if status == "degraded" and fail_on == "degraded":
+        return DEGRADED
+    return OK
+
+
+@app.command()
+def health(
+    url: UrlOption = None,
+    admin_key: AdminKeyOption = None,
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+    watch: Annotated[
+        float | None, typer.Option("--watch", min=0.2, help="Redraw every N seconds until Ctrl-C")
+    ] = None,
+    fail_on: Annotated[
+        str,
+        typer.Option("--fail-on", help="degraded | unhealthy: the status that fails the command"),
+    ] = "unhealthy",
+    refresh: Annotated[
+        bool, typer.Option("--refresh", help="Ask the daemon for a fresh check round first (admin)")
+    ] = False,
+    timeout: TimeoutOption = 5.0,
+) -> None:
+    """The daemon's health: exit 0 healthy (or degraded below --fail-on), 1 degraded, 2 unhealthy, 3 unreachable."""
+    from chatvault_cli.client import NotChatVault, Unreachable
+
+    if fail_on not in ("degraded", "unhealthy"):
+        render.error(err, f"--fail-on {fail_on!r}: use degraded or unhealthy")
+        raise typer.Exit(2)
+    client = _client(url, admin_key, config, timeout)
+    detailed = client.admin_key is not None
+
+    def check() -> tuple[int, Any]:
+        try:
+            _, body = client.health(refresh=refresh)
+        except (Unreachable, NotChatVault) as exc:
+            return UNREACHABLE, str(exc)
+        return health_exit_code(body["status"], fail_on), body
+
+    def show(code: int, result: Any) -> Any:
+        if code == UNREACHABLE:
+            return render.unreachable(result)
+        return render.health_view(result, client.url, detailed=detailed)
+
+    if watch is None:
+        code, result = check()
+        if json_out:
+            _print_json(
+                result
+                if code != UNREACHABLE
+                else {"status": "unreachable", "url": client.url, "error": result}
+            )
+        elif code == UNREACHABLE:
+            render.error(err, result, hint="is the daemon running? chatvault serve, or pass --url")
+        else:
+            out.print(show(code, result))
+            if result["status"] == "degraded" and code == OK:
+                render.warning(
+                    err,
+                    "degraded: serving, but see the components above (--fail-on degraded makes this exit 1)",
+                )
+        raise typer.Exit(code)
+    import time as _time
+
+    code = OK
+    try:
+        with render.live(out) as live:
+            while True:
+                code, result = check()
+                live.update(show(code, result), refresh=True)
+                _time.sleep(watch)
+    except KeyboardInterrupt:
+        pass
+    raise typer.Exit(code)
+
+
+@metrics_app.command("top")
+def metrics_top(
+    url: UrlOption = None,
+    admin_key: AdminKeyOption = None,
+    config: ConfigOption = None,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.2, help="Seconds between scrapes")
+    ] = 2.0,
+    by: Annotated[str, typer.Option("--by", help="model | provider | user_type")] = "model",
+    sort: Annotated[
+        str, typer.Option("--sort", help="Column to sort by, largest first")
+    ] = "requests_per_s",
+    once: Annotated[
+        bool, typer.Option("--once", help="Two scrapes --interval apart, one snapshot, exit")
+    ] = False,
+    json_out: JsonOption = False,
+    timeout: TimeoutOption = 5.0,
+) -> None:
+    """Live request, token, cost, error and latency rates, like top."""
+    import time as _time
+
+    from chatvault_cli import promtext, top
+    from chatvault_cli.client import NotChatVault, Unreachable
+
+    if by not in top.GROUPS:
+        render.error(err, f"--by {by!r}: use {', '.join(top.GROUPS)}")
+        raise typer.Exit(2)
+    if sort not in top.SORTABLE:
+        render.error(err, f"--sort {sort!r}: use one of {', '.join(top.SORTABLE)}")
+        raise typer.Exit(2)
+    client = _client(url, admin_key, config, timeout)
+
+    def scrape() -> Any:
+        return top.reduce(promtext.parse(client.metrics_text()), by, _time.monotonic())
+
+    def header(snapshot: Any) -> dict[str, Any]:
+        info: dict[str, Any] = {"url": client.url, "in_flight": snapshot.in_flight}
+        try:
+            _, body = client.health()
+            info["health"] = body["status"]
+            info["uptime_seconds"] = (body.get("performance") or {}).get("uptime_seconds")
+            tracing = client.traces_status()
+            if not tracing.get("enabled"):
+                info["tracing"] = "off"
+            else:
+                failing = (
+                    tracing.get("last_failure") is not None
+                    and (tracing.get("last_success") or 0) < tracing["last_failure"]
+                )
+                info["tracing"] = (
+                    f"{'FAILING' if failing else 'ok'} ({tracing.get('spans_exported', 0):,} exported, {tracing.get('spans_dropped', 0):,} dropped)"
+                )
+        except (Unreachable, NotChatVault, PermissionError):
+            pass
+        return info
+
+    def snapshot_payload(first: Any, second: Any) -> dict[str, Any]:
+        rows = top.sort_rows(top.rows(first, second, by), sort)
+        return {
+            "by": by,
+            "interval_s": round(second.at - first.at, 3),
+            **header(second),
+            "rows": rows,
+        }
+
+    try:
+        previous = scrape()
+        if once:
+            _time.sleep(interval)
+            payload = snapshot_payload(previous, scrape())
+            if json_out:
+                _print_json(payload)
+            else:
+                out.print(render.top_view(payload["rows"], by, payload, interval))
+            return
+        if json_out:
+            while True:
+                _time.sleep(interval)
+                current = scrape()
+                sys.stdout.write(json.dumps(snapshot_payload(previous, current)) + "\n")
+                sys.stdout.flush()
+                previous = current
+        with render.live(out, screen=out.is_terminal) as live:
+            while True:
+                _time.sleep(interval)
+                current = scrape()
+                payload = snapshot_payload(previous, current)
+                live.update(render.top_view(payload["rows"], by, payload, interval), refresh=True)
+                previous = current
+    except KeyboardInterrupt:
+        return
+    except PermissionError as exc:
+        render.error(err, str(exc))
+        raise typer.Exit(NOT_AUTHORIZED) from None
+    except (Unreachable, NotChatVault) as exc:
+        render.error(err, str(exc))
+        raise typer.Exit(UNREACHABLE) from None
+
+
+TRACE_STATUS_KEYS = (
+    "endpoint",
+    "protocol",
+    "spans_exported",
+    "export_failures",
+    "spans_failed",
+    "spans_dropped",
+    "queue_size",
+    "queue_capacity",
+    "last_success",
+    "last_failure",
+    "last_error",
+)
+
+
+@traces_app.command("status")
+def traces_status(
+    url: UrlOption = None,
+    admin_key: AdminKeyOption = None,
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+    timeout: TimeoutOption = 5.0,
+) -> None:
+    """Where spans go and whether they get there: exported, failed, dropped, queue, last error."""
+    import time as _time
+
+    from chatvault_cli.client import NotChatVault, Unreachable
+
+    client = _client(url, admin_key, config, timeout)
+    try:
+        status = client.traces_status()
+    except PermissionError as exc:
+        render.error(err, str(exc))
+        raise typer.Exit(NOT_AUTHORIZED) from None
+    except (Unreachable, NotChatVault) as exc:
+        render.error(err, str(exc))
+        raise typer.Exit(UNREACHABLE) from None
+    if json_out:
+        _print_json(
+            {
+                "enabled": status.get("enabled", False),
+                **{k: status.get(k) for k in TRACE_STATUS_KEYS},
+            }
+        )
+    else:
+        out.print(render.traces_panel(status, _time.time()))
+
+
+@app.command()
+def smoke(
+    url: UrlOption = None,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            "--key",
+            help="API key for the test calls [default: $CHATVAULT_API_KEY, else the admin key]",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Model to call [default: the first the key may use]"),
+    ] = None,
+    admin_key: AdminKeyOption = None,
+    config: ConfigOption = None,
+    fail_on: Annotated[str, typer.Option("--fail-on", help="degraded | unhealthy")] = "unhealthy",
+    timeout: TimeoutOption = 30.0,
+) -> None:
+    """CI smoke check after a deploy: health, a completion, a stream, and proof they were accounted."""
+    from chatvault_cli.smoke import run_smoke
+
+    client = _client(url, admin_key, config, timeout)
+    api_key = key or os.environ.get("CHATVAULT_API_KEY") or client.admin_key
+    checks = run_smoke(client, api_key=api_key, model=model, fail_on=fail_on)
+    render.smoke_results(out, client.url, checks)
+    raise typer.Exit(OK if all(ok for _, ok, _ in checks) else 1)
 
 
 def main() -> None:

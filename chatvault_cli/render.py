@@ -12,7 +12,9 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group
+from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -20,6 +22,15 @@ from rich.text import Text
 
 def make_console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, no_color="NO_COLOR" in os.environ, highlight=False)
+
+
+def live(console: Console, screen: bool = False) -> Live:
+    """A region redrawn in place (``--watch``, ``metrics top``)."""
+    return Live(console=console, auto_refresh=False, screen=screen)
+
+
+def unreachable(message: str) -> Text:
+    return Text(f"✖ unreachable: {message}", style="bold red")
 
 
 def error(console: Console, message: str, hint: str | None = None) -> None:
@@ -167,3 +178,239 @@ def config_ok(
 
 def stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
+
+
+# -- health --------------------------------------------------------------------------
+
+STATUS_STYLE = {"healthy": "bold green", "degraded": "bold yellow", "unhealthy": "bold red"}
+STATUS_MARK = {"healthy": "●", "degraded": "▲", "unhealthy": "✖"}
+
+
+def status_text(status: str) -> Text:
+    return Text(f"{STATUS_MARK.get(status, '?')} {status}", style=STATUS_STYLE.get(status, "bold"))
+
+
+def _ms(value: Any) -> str | None:
+    return f"{value:g} ms" if isinstance(value, int | float) else None
+
+
+def key_figures(name: str, c: dict[str, Any]) -> str:
+    """The one or two numbers an operator looks for in each component."""
+    parts: list[str | None] = []
+    if name == "database":
+        parts = [
+            _ms(c.get("latency_ms")),
+            f"queue {c['queue_depth']}" if "queue_depth" in c else None,
+            f"{c['request_rows']:,} rows" if isinstance(c.get("request_rows"), int) else None,
+        ]
+    elif name == "authentication":
+        parts = [
+            f"{c['active_keys']} keys" if "active_keys" in c else None,
+            f"admin key: {c['admin_key_source']}" if c.get("admin_key_source") else None,
+        ]
+    elif name == "metrics":
+        parts = [f"{c['series']} series" if "series" in c else None]
+    elif name == "tracing" and c.get("enabled"):
+        parts = [
+            f"exported {c.get('spans_exported', 0)}",
+            f"failed {c.get('export_failures', 0)}",
+            f"dropped {c.get('spans_dropped', 0)}",
+            f"queue {c.get('queue_size', 0)}/{c.get('queue_capacity', 0)}",
+        ]
+    elif name == "external_apis":
+        ups = c.get("upstreams") or {}
+        up = sum(1 for u in ups.values() if u.get("reachable"))
+        latencies = [
+            u["latency_ms"]
+            for u in ups.values()
+            if u.get("reachable") and u.get("latency_ms") is not None
+        ]
+        parts = [
+            f"{up}/{len(ups)} reachable" if ups else None,
+            f"max {max(latencies):g} ms" if latencies else None,
+        ]
+    elif name == "models":
+        models = c.get("models") or {}
+        parts = [
+            f"{sum(1 for m in models.values() if m.get('available'))}/{len(models)} available"
+            if models
+            else None
+        ]
+    return ", ".join(p for p in parts if p)
+
+
+def health_view(body: dict[str, Any], url: str, detailed: bool) -> Group:
+    table = Table(title=f"ChatVault health · {url}", title_justify="left", expand=False)
+    table.add_column("component", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("message", overflow="fold")
+    table.add_column("figures", overflow="fold")
+    for name, c in body.get("components", {}).items():
+        table.add_row(
+            name, status_text(c.get("status", "?")), c.get("message", ""), key_figures(name, c)
+        )
+    summary = Text()
+    summary.append("overall ", style="dim")
+    summary.append_text(status_text(body["status"]))
+    perf = body.get("performance")
+    if perf:
+        summary.append(f"   up {_duration(perf.get('uptime_seconds'))}", style="dim")
+        summary.append(
+            f"   rss {perf.get('memory_usage_mb')} MB   cpu {perf.get('cpu_percent')}%", style="dim"
+        )
+    if body.get("version"):
+        summary.append(f"   v{body['version']}", style="dim")
+    lines: list[Any] = [table, summary]
+    if not detailed:
+        lines.append(
+            Text(
+                "statuses only: pass the admin key (--admin-key or CHATVAULT_ADMIN_KEY) for details",
+                style="dim",
+            )
+        )
+    return Group(*lines)
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "?"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+# -- metrics top --------------------------------------------------------------------------
+
+
+def _num(value: Any, fmt: str = "{:,.1f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _seconds(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.2f}s"
+
+
+def top_view(
+    rows: Sequence[dict[str, Any]], by: str, header: dict[str, Any], interval: float
+) -> Group:
+    head = Text()
+    head.append("ChatVault top", style="bold")
+    head.append(f" · {header['url']} · every {interval:g}s", style="dim")
+    status = header.get("health")
+    line = Text()
+    if status:
+        line.append("health ", style="dim")
+        line.append_text(status_text(status))
+    if header.get("uptime_seconds") is not None:
+        line.append(f"   up {_duration(header['uptime_seconds'])}", style="dim")
+    line.append(f"   in flight {int(header.get('in_flight', 0))}", style="dim")
+    tracing = header.get("tracing")
+    if tracing:
+        line.append("   traces ", style="dim")
+        line.append(tracing, style="green" if tracing.startswith("ok") else "yellow")
+    table = Table(
+        expand=False,
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+    )
+    table.add_column(by, no_wrap=True, overflow="ellipsis", max_width=24)
+    columns = ("req/s", "tok/s i/o", "$/h", "err%", "p50", "p95", "ttft", "reqs", "$ total")
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=True)
+    for r in rows:
+        err = r.get("error_rate")
+        table.add_row(
+            r[by],
+            _num(r["requests_per_s"], "{:,.2f}"),
+            f"{_num(r['tokens_in_per_s'], '{:,.0f}')}/{_num(r['tokens_out_per_s'], '{:,.0f}')}",
+            _num(r["cost_per_hour_usd"], "{:,.4f}"),
+            Text(_num(None if err is None else err * 100), style="red" if err else ""),
+            _seconds(r["p50_latency_s"]),
+            _seconds(r["p95_latency_s"]),
+            _seconds(r["p50_ttft_s"]),
+            f"{r['requests_total']:,}",
+            _money(r["cost_total_usd"]),
+        )
+    if not rows:
+        table.add_row("(no model requests yet)", *[""] * len(columns))
+    return Group(head, line, table)
+
+
+# -- traces status ------------------------------------------------------------------------
+
+
+def _age(ts: Any, now: float) -> str:
+    if not isinstance(ts, int | float):
+        return "never"
+    return f"{_duration(max(now - ts, 0))} ago"
+
+
+def traces_panel(status: dict[str, Any], now: float) -> Panel:
+    if not status.get("enabled"):
+        return Panel(
+            Text("tracing is disabled (monitoring.tracing.enabled or OTEL_SDK_DISABLED)"),
+            title="Trace export",
+            expand=False,
+        )
+    body = Table.grid(padding=(0, 2))
+    body.add_column(style="dim")
+    body.add_column()
+    failing = (
+        status.get("last_failure") is not None
+        and (status.get("last_success") or 0) < status["last_failure"]
+    )
+    state = Text("failing", style="bold red") if failing else Text("ok", style="bold green")
+    capacity = status.get("queue_capacity") or 0
+    fill = f"{status.get('queue_size', 0)}/{capacity}" + (
+        f" ({status.get('queue_size', 0) / capacity:.0%})" if capacity else ""
+    )
+    for label, value in (
+        ("state", state),
+        ("endpoint", status.get("endpoint")),
+        ("protocol", status.get("protocol")),
+        ("exported", f"{status.get('spans_exported', 0):,} spans"),
+        (
+            "failed",
+            f"{status.get('export_failures', 0):,} exports ({status.get('spans_failed', 0):,} spans)",
+        ),
+        ("dropped", f"{status.get('spans_dropped', 0):,} spans"),
+        ("queue", fill),
+        ("last success", _age(status.get("last_success"), now)),
+        ("last error", status.get("last_error") or "-"),
+    ):
+        body.add_row(label, value if isinstance(value, Text) else Text(str(value)))
+    return Panel(
+        body, title="Trace export", expand=False, border_style="red" if failing else "green"
+    )
+
+
+# -- smoke ------------------------------------------------------------------------------
+
+
+def smoke_results(console: Console, url: str, checks: Sequence[tuple[str, bool, str]]) -> None:
+    console.print(Text(f"ChatVault smoke check · {url}", style="bold"))
+    for name, ok, detail in checks:
+        line = Text("  ✓ " if ok else "  ✗ ", style="bold green" if ok else "bold red")
+        line.append(name)
+        if detail:
+            line.append(f"  {detail}", style="dim")
+        console.print(line)
+    passed = sum(1 for _, ok, _ in checks if ok)
+    verdict = "PASS" if passed == len(checks) else "FAIL"
+    console.print(
+        Text(
+            f"{verdict}: {passed}/{len(checks)} checks passed",
+            style="bold green" if verdict == "PASS" else "bold red",
+        )
+    )

@@ -476,20 +476,30 @@ class Gateway:
         self.finish(usage)
 
     def finish(self, usage: Usage) -> None:
-        """Account for a finished request: cost, ledger, spend, token window."""
+        """Account for a finished request, exactly once: cost, ledger, spend, tokens,
+        metrics and the upstream span. The ledger row comes first: whatever fails
+        after it, the request is on record."""
+        if usage.finished:
+            return
+        usage.finished = True
         usage.latency_s = time.perf_counter() - usage.perf_start
         if usage.deployment_index >= 0 and usage.tokens.total:
             price = self.router.deployments[usage.deployment_index].price
             usage.cost_usd = cost_usd(usage.tokens, price)
         self.writer.submit(usage)
         self.spend.add(usage.key_id, usage.cost_usd)
-        if self.metrics is not None:
-            self.metrics.record_usage(usage)
-        if usage.upstream_span is not None:
-            output = None
-            if usage.output_text is not None:
-                output = output_messages(usage.output_text, usage.finish_reasons)
-            end_chat_completion(usage.upstream_span, usage, error=usage.error_type, output=output)
-            usage.upstream_span = None
         if usage.tokens.total:
             self.limiter.charge_tokens(usage.key_id, usage.tokens.total, self.clock())
+        try:
+            if self.metrics is not None:
+                self.metrics.record_usage(usage)
+            if usage.upstream_span is not None:
+                output = None
+                if usage.output_text is not None:
+                    output = output_messages(usage.output_text, usage.finish_reasons)
+                end_chat_completion(
+                    usage.upstream_span, usage, error=usage.error_type, output=output
+                )
+                usage.upstream_span = None
+        except Exception:  # telemetry must never fail the request it describes
+            log.exception("recording telemetry failed (request_id=%s)", usage.request_id)

@@ -173,8 +173,8 @@ class MetricsCollector:
         )
         self.request_duration = histogram(
             "chatvault_model_request_duration_seconds",
-            "Model request duration as the client saw it, arrival to last byte.",
-            ("model", "provider", "user_type"),
+            "Model request duration as the client saw it, arrival to last byte; outcome is success or error.",
+            ("model", "provider", "user_type", "outcome"),
             DURATION_BUCKETS,
         )
         self.upstream_latency = histogram(
@@ -349,7 +349,8 @@ class MetricsCollector:
         )
         self.record_token_usage(model, u.user_type, provider, u.tokens)
         self.record_request_cost(model, u.user_type, provider, u.cost_usd)
-        self.request_duration.labels(model, provider, u.user_type).observe(u.latency_s)
+        outcome = "success" if u.error_type is None else "error"
+        self.request_duration.labels(model, provider, u.user_type, outcome).observe(u.latency_s)
         if u.upstream_latency_s is not None:
             self.upstream_latency.labels(model, provider).observe(u.upstream_latency_s)
             self.overhead.labels(model, provider).observe(
@@ -453,6 +454,9 @@ class MetricsMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == "/metrics":  # the scrape itself is not traffic
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()

@@ -78,6 +78,7 @@ class Usage:
     deployment_index: int = -1
     upstream_span: Any = None
     output_text: str | None = None
+    finished: bool = False  # accounted once, whatever path ends the request
 
     @property
     def ok(self) -> bool:

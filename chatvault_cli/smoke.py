@@ -1,0 +1,153 @@
+"""``chatvault smoke``: the post-deploy check a CI job runs against a live gateway.
+
+Health at or above the bar, one completion, one streamed completion, and proof
+that both were accounted: the daemon's token counter for the model moved by at least
+the tokens the two answers reported.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from chatvault_cli import promtext
+from chatvault_cli.client import DaemonClient, NotChatVault, Unreachable
+
+Check = tuple[str, bool, str]
+
+
+def token_count(client: DaemonClient, model: str) -> float:
+    return sum(
+        s.value
+        for s in promtext.parse(client.metrics_text())
+        if s.name == "chatvault_tokens_processed_total"
+        and s.labels.get("model") == model
+        and s.labels.get("token_type") in ("input", "output")
+    )
+
+
+def _first_model(client: DaemonClient, api_key: str | None) -> str | None:
+    response = client.request("GET", "/v1/models", key=api_key)
+    if response.status != 200:
+        return None
+    data = response.json().get("data") or []
+    return str(data[0]["id"]) if data else None
+
+
+def run_smoke(
+    client: DaemonClient, *, api_key: str | None, model: str | None, fail_on: str
+) -> list[Check]:
+    checks: list[Check] = []
+    try:
+        _, body = client.health()
+        bad = {"unhealthy"} | ({"degraded"} if fail_on == "degraded" else set())
+        checks.append(("health", body["status"] not in bad, body["status"]))
+    except (Unreachable, NotChatVault) as exc:
+        return [("health", False, str(exc))]
+    if not api_key:
+        return [
+            *checks,
+            (
+                "api key",
+                False,
+                "no key: pass --key, set CHATVAULT_API_KEY, or make the admin key findable",
+            ),
+        ]
+    model = model or _first_model(client, api_key)
+    if model is None:
+        return [*checks, ("model", False, "the key may use no model (GET /v1/models)")]
+    try:
+        before: float | None = token_count(client, model)
+    except (PermissionError, NotChatVault) as exc:
+        before = None
+        checks.append(("metrics readable", False, str(exc)))
+    expected = 0
+    messages = [{"role": "user", "content": "ChatVault smoke check: reply briefly."}]
+
+    started = time.perf_counter()
+    response = client.request(
+        "POST",
+        "/v1/chat/completions",
+        key=api_key,
+        body={"model": model, "messages": messages, "max_tokens": 16},
+    )
+    elapsed = (time.perf_counter() - started) * 1000
+    if response.status == 200:
+        answer = response.json()
+        usage = answer.get("usage") or {}
+        expected += int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+        content = ((answer.get("choices") or [{}])[0].get("message") or {}).get("content")
+        checks.append(
+            (
+                "completion",
+                bool(content),
+                f"{model}, {usage.get('total_tokens', '?')} tokens, {elapsed:.0f} ms",
+            )
+        )
+    else:
+        checks.append(
+            ("completion", False, f"HTTP {response.status}: {_error_message(response.body)}")
+        )
+
+    started = time.perf_counter()
+    chunks, done, stream_tokens, text = 0, False, 0, ""
+    try:
+        body = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": 16,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        for line in client.stream_lines("/v1/chat/completions", key=api_key, body=body):
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                done = True
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise NotChatVault(f"error event: {chunk['error'].get('message')}")
+            chunks += 1
+            for choice in chunk.get("choices") or []:
+                text += (choice.get("delta") or {}).get("content") or ""
+            usage = chunk.get("usage") or {}
+            stream_tokens = (
+                int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+                or stream_tokens
+            )
+        expected += stream_tokens
+        elapsed = (time.perf_counter() - started) * 1000
+        checks.append(
+            (
+                "streamed completion",
+                done and bool(text),
+                f"{chunks} chunks, {stream_tokens} tokens, {elapsed:.0f} ms",
+            )
+        )
+    except (Unreachable, NotChatVault, ValueError) as exc:
+        checks.append(("streamed completion", False, str(exc)))
+
+    if before is not None:
+        moved = 0.0
+        for _ in range(20):  # with several workers the last one may still be finishing up
+            moved = token_count(client, model) - before
+            if moved >= expected > 0:
+                break
+            time.sleep(0.1)
+        checks.append(
+            (
+                "accounted in /metrics",
+                moved >= expected > 0,
+                f"token counter +{moved:g}, answers reported {expected}",
+            )
+        )
+    return checks
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body[:200].decode("utf-8", "replace")
