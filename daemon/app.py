@@ -3,9 +3,8 @@
     app = create_app(load_config(Path("config.yaml")))
     uvicorn.run(app)
 
-Edges are injected, so tests need no monkeypatching: ``transport`` (the upstream HTTP
-transport, e.g. ``httpx.MockTransport``), ``clock`` (wall time for limits and
-timestamps), ``environ`` (upstream keys, admin key, OTEL_* variables), ``registry``
+Edges are injected, so tests need no monkeypatching: ``clock`` (wall time for limits
+and timestamps), ``store`` and ``limiter``, ``environ`` (upstream keys, admin key, OTEL_* variables), ``registry``
 (the Prometheus registry; a fresh one per app by default, never the global one),
 ``span_exporter`` (where spans go; default: OTLP as configured).
 """
@@ -17,7 +16,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
-import httpx
 from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -38,7 +36,6 @@ def create_app(
     *,
     environ: Mapping[str, str] | None = None,
     clock: Callable[[], float] = time.time,
-    transport: httpx.AsyncBaseTransport | None = None,
     store: Store | None = None,
     limiter: Limiter | None = None,
     registry: CollectorRegistry | None = None,
@@ -53,7 +50,6 @@ def create_app(
         settings,
         environ=environ,
         clock=clock,
-        transport=transport,
         store=store,
         limiter=limiter,
         metrics=metrics,

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from contextlib import AbstractContextManager
 from typing import Any, Literal, TypeVar
 
-import httpx
+import aiohttp
 from opentelemetry.trace import Span
 
 from daemon.auth import Authenticator, Principal
@@ -96,7 +96,6 @@ class Gateway:
         *,
         environ: Mapping[str, str],
         clock: Callable[[], float] = time.time,
-        transport: httpx.AsyncBaseTransport | None = None,
         store: Store | None = None,
         limiter: Limiter | None = None,
         metrics: MetricsCollector | None = None,
@@ -108,7 +107,6 @@ class Gateway:
         self.environ = environ
         self.clock = clock
         self.lifecycle = Lifecycle()
-        self._transport = transport
         self.store: Store = store or open_store(settings.ledger.url)
         self.spend = SpendBook()
         self.writer = LedgerWriter(
@@ -122,7 +120,7 @@ class Gateway:
         self.limiter: Limiter = limiter or MemoryLimiter()
         self.admin_key: AdminKey | None = None
         self.auth: Authenticator | None = None
-        self.http: httpx.AsyncClient | None = None
+        self.http: aiohttp.ClientSession | None = None
         self.router = Router([])
         self.health = HealthMonitor(settings, store=self.store, deployments=[], clock=clock)
         self._stack = contextlib.AsyncExitStack()
@@ -152,15 +150,16 @@ class Gateway:
             await self.auth.start()
             self._stack.push_async_callback(self.auth.aclose)
             self._stack.push_async_callback(self.limiter.aclose)
-            self.http = httpx.AsyncClient(
-                transport=self._transport,
-                timeout=httpx.Timeout(s.upstream.timeout_s, connect=s.upstream.connect_timeout_s),
-                limits=httpx.Limits(
-                    max_connections=s.upstream.max_connections,
-                    max_keepalive_connections=s.upstream.max_connections,
+            self.http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=s.upstream.max_connections, limit_per_host=0, ttl_dns_cache=300
                 ),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=s.upstream.connect_timeout_s, sock_read=s.upstream.timeout_s
+                ),
+                trust_env=True,  # HTTP(S)_PROXY and NO_PROXY, as operators expect
             )
-            self._stack.push_async_callback(self.http.aclose)
+            self._stack.push_async_callback(self.http.close)
             deployments = self._deployments(self.http)
             self.health = HealthMonitor(
                 s, store=self.store, deployments=deployments, clock=self.clock
@@ -241,13 +240,13 @@ class Gateway:
         self.lifecycle.state = "stopped"
         await self._stack.aclose()
 
-    def _deployments(self, client: httpx.AsyncClient) -> list[Deployment]:
+    def _deployments(self, session: aiohttp.ClientSession) -> list[Deployment]:
         s = self.settings
         cost_map = litellm_cost_map() if any(needs_cost_map(m) for m in s.models) else {}
         out = []
         for index, model in enumerate(s.models):
             provider = build_provider(
-                model, client=client, environ=self.environ, default_timeout_s=s.upstream.timeout_s
+                model, session=session, environ=self.environ, default_timeout_s=s.upstream.timeout_s
             )
             problem = None
             if model.api_key_env and not upstream_key(model, self.environ):

@@ -12,8 +12,10 @@ import pytest
 
 from chatvault_cli import offline
 from daemon.config import Settings
+from daemon.limits import Decision, KeyLimits, MemoryLimiter
 from tests.conftest import MakeClient
-from tests.helpers import ADMIN_KEY, base_config, ledger_rows, wait_for
+from tests.fakes import Upstream, openai_upstream
+from tests.helpers import ADMIN_KEY, ServerThread, base_config, ledger_rows, wait_for
 
 CHAT = "/v1/chat/completions"
 
@@ -255,26 +257,24 @@ def test_502_upstream_failure_and_ledger_row(
 def test_504_upstream_timeout(
     tmp_path: Path, make_client: MakeClient, admin_headers: dict[str, str]
 ) -> None:
-    def hang(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("read timed out", request=request)
-
-    config = base_config(
-        models=[
-            {
-                "name": "slow",
-                "provider": "openai",
-                "model": "m",
-                "api_base": "http://upstream.test/v1",
-            }
-        ]
-    )
-    client = make_client(config, transport=httpx.MockTransport(hang))
-    error = assert_openai_error(
-        client.post(CHAT, json={**chat_body(), "model": "slow"}, headers=admin_headers),
-        504,
-        "upstream_timeout",
-    )
-    assert "upstream.test" not in error["message"]
+    state = Upstream(hang=True)  # accepts the request and never answers
+    with ServerThread(openai_upstream(state)) as upstream:
+        config = base_config(
+            models=[
+                {
+                    "name": "slow",
+                    "provider": "openai",
+                    "model": "m",
+                    "api_base": upstream.url + "/v1",
+                    "timeout_s": 0.3,
+                }
+            ]
+        )
+        client = make_client(config)
+        r = client.post(CHAT, json={**chat_body(), "model": "slow"}, headers=admin_headers)
+        error = assert_openai_error(r, 504, "upstream_timeout")
+        assert "127.0.0.1" not in error["message"]
+        state.hang = False
 
 
 def test_503_while_draining(make_client: MakeClient, admin_headers: dict[str, str]) -> None:
@@ -352,18 +352,20 @@ def test_embeddings(make_client: MakeClient, admin_headers: dict[str, str]) -> N
     )
 
 
-def test_unexpected_error_is_a_generic_500_without_internals(
-    make_client: MakeClient, admin_headers: dict[str, str]
-) -> None:
-    class Broken(httpx.AsyncBaseTransport):
-        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-            raise ZeroDivisionError("secret internal detail")
+class _BrokenLimiter(MemoryLimiter):
+    """A limit store that fails in a way the gateway does not expect (a bug, as far as it knows)."""
 
-    config = base_config(
-        models=[{"name": "x", "provider": "openai", "model": "m", "api_base": "http://u.test/v1"}]
-    )
-    client = make_client(config, transport=Broken())
-    r = client.post(CHAT, json={**chat_body(), "model": "x"}, headers=admin_headers)
+    async def acquire(self, limits: KeyLimits, now: float) -> Decision:
+        raise ZeroDivisionError("secret internal detail")
+
+
+def test_unexpected_error_is_a_generic_500_without_internals(
+    tmp_path: Path, make_client: MakeClient, admin_headers: dict[str, str]
+) -> None:
+    client = make_client(limiter=_BrokenLimiter())
+    r = client.post(CHAT, json=chat_body(), headers=admin_headers)
     error = assert_openai_error(r, 500)
     assert "secret" not in r.text and "ZeroDivision" not in r.text
     assert error["type"] == "server_error"
+    rows = wait_for(lambda: ledger_rows(ledger(tmp_path)))  # still on record
+    assert rows[0]["status_code"] == 500 and rows[0]["error_type"] == "internal"

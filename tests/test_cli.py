@@ -19,15 +19,34 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tests.helpers import ADMIN_KEY, Daemon, ServerThread, base_config, cli, free_port, ledger_rows, running, wait_for, write_config
-from tests.otlp import OTLPReceiver
+from bench.otlp import OTLPReceiver
+from tests.helpers import (
+    ADMIN_KEY,
+    Daemon,
+    ServerThread,
+    base_config,
+    cli,
+    free_port,
+    ledger_rows,
+    running,
+    wait_for,
+    write_config,
+)
 
 ENV = {"CHATVAULT_ADMIN_KEY": ADMIN_KEY}
-QUICK_HEALTH = {"tracing": {"enabled": False}, "health": {"probe_interval_s": 3600, "probe_timeout_s": 0.5}}
+QUICK_HEALTH = {
+    "tracing": {"enabled": False},
+    "health": {"probe_interval_s": 3600, "probe_timeout_s": 0.5},
+}
 
 
 def dead_model(name: str) -> dict[str, Any]:
-    return {"name": name, "provider": "openai", "model": "m", "api_base": f"http://127.0.0.1:{free_port()}/v1"}
+    return {
+        "name": name,
+        "provider": "openai",
+        "model": "m",
+        "api_base": f"http://127.0.0.1:{free_port()}/v1",
+    }
 
 
 def health_config(models: list[dict[str, Any]]) -> dict[str, Any]:
@@ -37,19 +56,42 @@ def health_config(models: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def refresh(daemon: Daemon) -> None:
-    httpx.get(daemon.url + "/health?refresh=true", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+    httpx.get(
+        daemon.url + "/health?refresh=true",
+        headers={"authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=10,
+    )
 
 
 @pytest.fixture(scope="module")
 def healthy(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with running(tmp_path_factory.mktemp("cli-healthy"), health_config([{"name": "mock", "provider": "mock", "pricing": {"input_per_million": 0.15, "output_per_million": 0.6}}])) as d:
+    with running(
+        tmp_path_factory.mktemp("cli-healthy"),
+        health_config(
+            [
+                {
+                    "name": "mock",
+                    "provider": "mock",
+                    "pricing": {"input_per_million": 0.15, "output_per_million": 0.6},
+                }
+            ]
+        ),
+    ) as d:
         yield d
 
 
 def test_health_healthy_exits_0_with_a_table_and_no_ansi(healthy: Daemon) -> None:
     result = cli("health", "--url", healthy.url, env=ENV)
     assert result.returncode == 0, result.stderr
-    for name in ("database", "configuration", "authentication", "metrics", "tracing", "external_apis", "models"):
+    for name in (
+        "database",
+        "configuration",
+        "authentication",
+        "metrics",
+        "tracing",
+        "external_apis",
+        "models",
+    ):
         assert name in result.stdout
     assert "overall" in result.stdout and "healthy" in result.stdout
     assert "\x1b[" not in result.stdout + result.stderr
@@ -59,12 +101,18 @@ def test_health_healthy_exits_0_with_a_table_and_no_ansi(healthy: Daemon) -> Non
 def test_health_json_is_the_daemons_body(healthy: Daemon) -> None:
     result = cli("health", "--url", healthy.url, "--json", env=ENV)
     body = json.loads(result.stdout)
-    assert body["status"] == "healthy" and set(body["performance"]) == {"memory_usage_mb", "cpu_percent", "uptime_seconds"}
+    assert body["status"] == "healthy" and set(body["performance"]) == {
+        "memory_usage_mb",
+        "cpu_percent",
+        "uptime_seconds",
+    }
     assert len(body["components"]) == 7
 
 
 def test_health_degraded_and_fail_on(tmp_path: Path) -> None:
-    with running(tmp_path, health_config([{"name": "mock", "provider": "mock"}, dead_model("remote")])) as daemon:
+    with running(
+        tmp_path, health_config([{"name": "mock", "provider": "mock"}, dead_model("remote")])
+    ) as daemon:
         refresh(daemon)
         default = cli("health", "--url", daemon.url, env=ENV)
         assert default.returncode == 0
@@ -85,7 +133,12 @@ def test_health_unreachable_or_not_chatvault_exits_3() -> None:
     result = cli("health", "--url", f"http://127.0.0.1:{free_port()}", env=ENV)
     assert result.returncode == 3
     assert "connection refused" in result.stderr and "Traceback" not in result.stderr
-    assert json.loads(cli("health", "--url", f"http://127.0.0.1:{free_port()}", "--json", env=ENV).stdout)["status"] == "unreachable"
+    assert (
+        json.loads(
+            cli("health", "--url", f"http://127.0.0.1:{free_port()}", "--json", env=ENV).stdout
+        )["status"]
+        == "unreachable"
+    )
 
     async def other(request: Any) -> JSONResponse:
         return JSONResponse({"ok": True})
@@ -111,32 +164,70 @@ def test_health_watch_redraws_until_interrupted(healthy: Daemon) -> None:
 
 
 def test_admin_key_is_found_in_the_state_file(tmp_path: Path) -> None:
-    path = write_config(tmp_path, health_config([{"name": "mock", "provider": "mock"}]) | {"server": {"host": "127.0.0.1", "port": free_port()}})
+    path = write_config(
+        tmp_path,
+        health_config([{"name": "mock", "provider": "mock"}])
+        | {"server": {"host": "127.0.0.1", "port": free_port()}},
+    )
     with Daemon(path, env={"CHATVAULT_ADMIN_KEY": ""}):
         # Neither --url, --admin-key nor the variables: the config gives both.
-        result = cli("health", "--config", str(path), "--json", env={"CHATVAULT_ADMIN_KEY": "", "CHATVAULT_URL": ""})
+        result = cli(
+            "health",
+            "--config",
+            str(path),
+            "--json",
+            env={"CHATVAULT_ADMIN_KEY": "", "CHATVAULT_URL": ""},
+        )
         body = json.loads(result.stdout)
         # The detailed view: the admin key was found. (serve's preflight generated it.)
         assert body["components"]["authentication"]["admin_key_source"] == "state_file"
-        public = cli("health", "--config", str(path), "--json", "--admin-key", "wrong", env={"CHATVAULT_URL": ""})
+        public = cli(
+            "health",
+            "--config",
+            str(path),
+            "--json",
+            "--admin-key",
+            "wrong",
+            env={"CHATVAULT_URL": ""},
+        )
         assert "message" not in json.loads(public.stdout)["components"]["database"]
 
 
 def test_metrics_top_once_json_totals_equal_the_ledger(tmp_path: Path) -> None:
-    config = health_config([
-        {"name": "mock", "provider": "mock", "pricing": {"input_per_million": 0.15, "output_per_million": 0.6}},
-        {"name": "mock-b", "provider": "mock", "model": "b", "pricing": {"input_per_million": 2.0, "output_per_million": 8.0}},
-    ])
+    config = health_config(
+        [
+            {
+                "name": "mock",
+                "provider": "mock",
+                "pricing": {"input_per_million": 0.15, "output_per_million": 0.6},
+            },
+            {
+                "name": "mock-b",
+                "provider": "mock",
+                "model": "b",
+                "pricing": {"input_per_million": 2.0, "output_per_million": 8.0},
+            },
+        ]
+    )
     with running(tmp_path, config) as daemon:
         client = openai.OpenAI(base_url=daemon.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
         for i in range(6):
-            client.chat.completions.create(model="mock" if i % 3 else "mock-b", messages=[{"role": "user", "content": f"request number {i}"}])
-        for _ in client.chat.completions.create(model="mock-b", messages=[{"role": "user", "content": "streamed"}], stream=True):
+            client.chat.completions.create(
+                model="mock" if i % 3 else "mock-b",
+                messages=[{"role": "user", "content": f"request number {i}"}],
+            )
+        for _ in client.chat.completions.create(
+            model="mock-b", messages=[{"role": "user", "content": "streamed"}], stream=True
+        ):
             pass
         with pytest.raises(openai.InternalServerError):
-            client.chat.completions.create(model="mock", messages=[{"role": "user", "content": "mock:fail"}])
+            client.chat.completions.create(
+                model="mock", messages=[{"role": "user", "content": "mock:fail"}]
+            )
         rows = wait_for(lambda: (r := ledger_rows(daemon.ledger_path)) and len(r) == 8 and r)
-        result = cli("metrics", "top", "--url", daemon.url, "--once", "--json", "--interval", "0.5", env=ENV)
+        result = cli(
+            "metrics", "top", "--url", daemon.url, "--once", "--json", "--interval", "0.5", env=ENV
+        )
         assert result.returncode == 0, result.stderr
         payload = json.loads(result.stdout)
         ledger: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -153,22 +244,68 @@ def test_metrics_top_once_json_totals_equal_the_ledger(tmp_path: Path) -> None:
             assert row["errors_total"] == expected["errors"]
             assert row["tokens_total"] == expected["tokens"]
             assert row["cost_total_usd"] == pytest.approx(expected["cost"], rel=1e-6)
-            for key in ("requests_per_s", "tokens_per_s", "cost_per_hour_usd", "error_rate", "p50_latency_s", "p95_latency_s"):
+            for key in (
+                "requests_per_s",
+                "tokens_per_s",
+                "cost_per_hour_usd",
+                "error_rate",
+                "p50_latency_s",
+                "p95_latency_s",
+            ):
                 assert key in row
-        assert by_model["mock"]["error_rate"] == pytest.approx(1 / 5)  # no traffic in the interval: since start
+        assert by_model["mock"]["error_rate"] == pytest.approx(
+            1 / 5
+        )  # no traffic in the interval: since start
         assert payload["health"] == "healthy" and payload["tracing"] == "off"
-        by_user = json.loads(cli("metrics", "top", "--url", daemon.url, "--once", "--json", "--interval", "0.2", "--by", "user_type", env=ENV).stdout)
+        by_user = json.loads(
+            cli(
+                "metrics",
+                "top",
+                "--url",
+                daemon.url,
+                "--once",
+                "--json",
+                "--interval",
+                "0.2",
+                "--by",
+                "user_type",
+                env=ENV,
+            ).stdout
+        )
         assert [r["user_type"] for r in by_user["rows"]] == ["admin"]
         assert by_user["rows"][0]["requests_total"] == 8
         table = cli("metrics", "top", "--url", daemon.url, "--once", "--interval", "0.2", env=ENV)
         assert table.returncode == 0 and "mock-b" in table.stdout and "\x1b[" not in table.stdout
-        denied = cli("metrics", "top", "--url", daemon.url, "--once", "--interval", "0.2", "--admin-key", "wrong", env=ENV)
+        denied = cli(
+            "metrics",
+            "top",
+            "--url",
+            daemon.url,
+            "--once",
+            "--interval",
+            "0.2",
+            "--admin-key",
+            "wrong",
+            env=ENV,
+        )
         assert denied.returncode == 4 and "admin key" in denied.stderr
 
 
 def test_metrics_top_rates_follow_traffic_between_scrapes(healthy: Daemon) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "chatvault_cli", "metrics", "top", "--url", healthy.url, "--once", "--json", "--interval", "2"],
+        [
+            sys.executable,
+            "-m",
+            "chatvault_cli",
+            "metrics",
+            "top",
+            "--url",
+            healthy.url,
+            "--once",
+            "--json",
+            "--interval",
+            "2",
+        ],
         env={**__import__("os").environ, **ENV},
         stdout=subprocess.PIPE,
         text=True,
@@ -176,7 +313,9 @@ def test_metrics_top_rates_follow_traffic_between_scrapes(healthy: Daemon) -> No
     time.sleep(0.8)  # the first scrape has happened by now
     client = openai.OpenAI(base_url=healthy.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
     for _ in range(10):
-        client.chat.completions.create(model="mock", messages=[{"role": "user", "content": "rate me"}])
+        client.chat.completions.create(
+            model="mock", messages=[{"role": "user", "content": "rate me"}]
+        )
     out, _ = process.communicate(timeout=20)
     (row,) = json.loads(out)["rows"]
     interval = json.loads(out)["interval_s"]
@@ -186,16 +325,45 @@ def test_metrics_top_rates_follow_traffic_between_scrapes(healthy: Daemon) -> No
 
 def test_traces_status(tmp_path: Path) -> None:
     with OTLPReceiver() as receiver:
-        config = base_config(monitoring={"tracing": {"enabled": True, "endpoint": receiver.endpoint}})
+        config = base_config(
+            monitoring={"tracing": {"enabled": True, "endpoint": receiver.endpoint}}
+        )
         with running(tmp_path, config, env={"OTEL_BSP_SCHEDULE_DELAY": "50"}) as daemon:
-            httpx.post(daemon.url + "/v1/chat/completions", json={"model": "mock", "messages": [{"role": "user", "content": "x"}]}, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+            httpx.post(
+                daemon.url + "/v1/chat/completions",
+                json={"model": "mock", "messages": [{"role": "user", "content": "x"}]},
+                headers={"authorization": f"Bearer {ADMIN_KEY}"},
+            )
             receiver.wait_for(lambda s: s.name == "chat mock")
-            status = wait_for(lambda: (s := json.loads(cli("traces", "status", "--url", daemon.url, "--json", env=ENV).stdout))["spans_exported"] >= 2 and s)
-            for key in ("endpoint", "protocol", "spans_exported", "export_failures", "spans_dropped", "queue_size", "last_success", "last_error"):
+            status = wait_for(
+                lambda: (
+                    (
+                        s := json.loads(
+                            cli("traces", "status", "--url", daemon.url, "--json", env=ENV).stdout
+                        )
+                    )["spans_exported"]
+                    >= 2
+                    and s
+                )
+            )
+            for key in (
+                "endpoint",
+                "protocol",
+                "spans_exported",
+                "export_failures",
+                "spans_dropped",
+                "queue_size",
+                "last_success",
+                "last_error",
+            ):
                 assert key in status
             assert status["endpoint"] == receiver.endpoint and status["protocol"] == "grpc"
             panel = cli("traces", "status", "--url", daemon.url, env=ENV)
-            assert "Trace export" in panel.stdout and receiver.endpoint in panel.stdout and "ago" in panel.stdout
+            assert (
+                "Trace export" in panel.stdout
+                and receiver.endpoint in panel.stdout
+                and "ago" in panel.stdout
+            )
 
 
 def test_smoke_passes_against_a_good_gateway(healthy: Daemon) -> None:
@@ -206,7 +374,9 @@ def test_smoke_passes_against_a_good_gateway(healthy: Daemon) -> None:
     assert "PASS: 4/4" in result.stdout
 
 
-def test_smoke_fails_on_a_bad_model_or_an_unhealthy_gateway(healthy: Daemon, tmp_path: Path) -> None:
+def test_smoke_fails_on_a_bad_model_or_an_unhealthy_gateway(
+    healthy: Daemon, tmp_path: Path
+) -> None:
     result = cli("smoke", "--url", healthy.url, "--model", "no-such-model", env=ENV)
     assert result.returncode == 1 and "✗ completion" in result.stdout and "FAIL" in result.stdout
     with running(tmp_path, health_config([dead_model("a")])) as daemon:
@@ -228,7 +398,13 @@ def test_http_commands_import_neither_daemon_nor_litellm_nor_opentelemetry(healt
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'daemon', 'litellm', 'opentelemetry', 'prometheus_client', 'starlette', 'uvicorn'})\n"
         "print('HEAVY', heavy)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], env={**__import__("os").environ, **ENV}, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**__import__("os").environ, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "HEAVY []" in result.stdout, result.stdout[-500:] + result.stderr[-2000:]
 
 
@@ -249,11 +425,22 @@ def test_promtext_agrees_with_prometheus_clients_parser(healthy: Daemon) -> None
     from chatvault_cli.promtext import parse
 
     client = openai.OpenAI(base_url=healthy.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
-    client.chat.completions.create(model="mock", messages=[{"role": "user", "content": 'quote " and \\ backslash'}])
-    text = httpx.get(healthy.url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
+    client.chat.completions.create(
+        model="mock", messages=[{"role": "user", "content": 'quote " and \\ backslash'}]
+    )
+    text = httpx.get(
+        healthy.url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}
+    ).text
     ours = sorted((s.name, tuple(sorted(s.labels.items())), s.value) for s in parse(text))
-    reference = sorted((s.name, tuple(sorted(s.labels.items())), s.value) for f in text_string_to_metric_families(text) for s in f.samples)
+    reference = sorted(
+        (s.name, tuple(sorted(s.labels.items())), s.value)
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    )
     assert ours == reference
     tricky = 'x{a="q\\"uote",b="back\\\\slash",c="new\\nline"} 2.5\n'
     (sample,) = parse(tricky)
-    assert sample.labels == {"a": 'q"uote', "b": "back\\slash", "c": "new\nline"} and sample.value == 2.5
+    assert (
+        sample.labels == {"a": 'q"uote', "b": "back\\slash", "c": "new\nline"}
+        and sample.value == 2.5
+    )

@@ -17,12 +17,12 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from bench.otlp import OTLPReceiver, ReceivedSpan
 from daemon.config import TracingConfig
 from daemon.tracing import resolve
 from tests.conftest import MakeClient
 from tests.fakes import Upstream, openai_upstream
 from tests.helpers import ADMIN_KEY, ServerThread, base_config, ledger_rows, running, wait_for
-from tests.otlp import OTLPReceiver, ReceivedSpan
 
 SERVER, CLIENT = 2, 3  # OTLP span kinds
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}

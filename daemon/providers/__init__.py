@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import httpx
+import aiohttp
 
 from daemon.config import ModelConfig
 from daemon.providers.base import Provider
@@ -22,7 +22,7 @@ def upstream_key(model: ModelConfig, environ: Mapping[str, str]) -> str | None:
 def build_provider(
     model: ModelConfig,
     *,
-    client: httpx.AsyncClient,
+    session: aiohttp.ClientSession,
     environ: Mapping[str, str],
     default_timeout_s: float,
 ) -> Provider:
@@ -32,7 +32,11 @@ def build_provider(
     if model.provider in ("openai", "ollama"):
         assert model.api_base is not None  # the config validator requires it
         return OpenAICompatProvider(
-            name=model.provider, api_base=model.api_base, api_key=api_key, client=client
+            name=model.provider,
+            api_base=model.api_base,
+            api_key=api_key,
+            session=session,
+            timeout_s=model.timeout_s,
         )
     return LiteLLMProvider(
         provider=model.provider,

@@ -1,18 +1,22 @@
 """Any OpenAI-compatible server (OpenAI, vLLM, LM Studio, Ollama's /v1, ...).
 
-All deployments share one pooled ``httpx.AsyncClient`` owned by the app's lifespan.
-Bodies are passed through as bytes: a non-streamed answer is parsed once to read its
-usage and sent back unchanged; a stream is forwarded event by event as it arrives.
+All deployments share one pooled ``aiohttp.ClientSession`` owned by the app's
+lifespan. (aiohttp rather than httpx: on the request path httpx costs about 2.4 ms of
+CPU per call against aiohttp's 0.16 ms, measured in the same run; the gateway's whole
+budget is 1 ms.) Bodies are passed through as bytes: a non-streamed answer is parsed
+once to read its usage and sent back unchanged; a stream is forwarded event by event
+as it arrives.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 import orjson
 
 from daemon.errors import (
@@ -71,14 +75,17 @@ def _error_message(body: bytes) -> str:
     return "no details"
 
 
-def transport_error(exc: httpx.HTTPError, provider: str) -> GatewayError:
-    if isinstance(exc, httpx.ConnectTimeout | httpx.ConnectError):
+def transport_error(exc: BaseException, provider: str) -> GatewayError:
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         return UpstreamUnavailable(f"The upstream ({provider}) cannot be reached.")
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamTimeout(f"The upstream ({provider}) did not answer in time.")
-    if isinstance(exc, httpx.RemoteProtocolError):
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
         return UpstreamUnavailable(f"The upstream ({provider}) closed the connection.")
     return UpstreamError(f"The upstream ({provider}) call failed ({type(exc).__name__}).")
+
+
+_TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
 class OpenAICompatProvider:
@@ -90,7 +97,8 @@ class OpenAICompatProvider:
         name: str,
         api_base: str,
         api_key: str | None,
-        client: httpx.AsyncClient,
+        session: aiohttp.ClientSession,
+        timeout_s: float | None = None,
         probe_path: str = "/models",
     ) -> None:
         self.name = name
@@ -103,43 +111,43 @@ class OpenAICompatProvider:
         parts = urlsplit(self.base)
         self.server_address: str | None = parts.hostname
         self.server_port: int | None = parts.port or (443 if parts.scheme == "https" else 80)
-        self.client = client
+        self.session = session
+        self.timeout = aiohttp.ClientTimeout(sock_read=timeout_s) if timeout_s else None
         self.probe_url = self.root + "/api/tags" if name == "ollama" else self.base + probe_path
         self._headers = {"content-type": "application/json"}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
 
-    def _request(self, path: str, call: UpstreamCall) -> httpx.Request:
+    async def _send(self, path: str, call: UpstreamCall) -> aiohttp.ClientResponse:
         headers = {**self._headers, **call.headers} if call.headers else self._headers
-        extensions = {}
-        if call.timeout_s is not None:
-            extensions["timeout"] = httpx.Timeout(call.timeout_s).as_dict()
-        return self.client.build_request(
-            "POST",
-            self.base + path,
-            content=orjson.dumps(call.body),
-            headers=headers,
-            extensions=extensions,
+        options: dict[str, Any] = {"data": orjson.dumps(call.body), "headers": headers}
+        timeout = (
+            aiohttp.ClientTimeout(sock_read=call.timeout_s) if call.timeout_s else self.timeout
         )
-
-    async def _send(self, request: httpx.Request, *, stream: bool) -> httpx.Response:
+        if timeout is not None:
+            options["timeout"] = timeout
         try:
-            response = await self.client.send(request, stream=stream)
-        except httpx.HTTPError as exc:
+            response = await self.session.post(self.base + path, **options)
+        except _TRANSPORT_ERRORS as exc:
             raise transport_error(exc, self.name) from exc
-        if response.status_code >= 400:
+        if response.status >= 400:
             try:
-                body = await response.aread()
-            except httpx.HTTPError:
+                body = await response.read()
+            except _TRANSPORT_ERRORS:
                 body = b""
             finally:
-                await response.aclose()
-            raise upstream_status_error(response.status_code, body, self.name)
+                response.release()
+            raise upstream_status_error(response.status, body, self.name)
         return response
 
     async def _post_json(self, path: str, call: UpstreamCall) -> Reply:
-        response = await self._send(self._request(path, call), stream=False)
-        body = response.content
+        response = await self._send(path, call)
+        try:
+            body = await response.read()
+        except _TRANSPORT_ERRORS as exc:
+            raise transport_error(exc, self.name) from exc
+        finally:
+            response.release()
         try:
             parsed = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -153,42 +161,49 @@ class OpenAICompatProvider:
         return await self._post_json("/embeddings", call)
 
     async def open_stream(self, call: UpstreamCall, info: StreamInfo) -> AsyncIterator[bytes]:
-        response = await self._send(self._request("/chat/completions", call), stream=True)
+        response = await self._send("/chat/completions", call)
         return self._events(response)
 
-    async def _events(self, response: httpx.Response) -> AsyncIterator[bytes]:
+    async def _events(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         splitter = EventSplitter()
         try:
-            async for data in response.aiter_raw():
+            async for data in response.content.iter_any():
                 for event in splitter.feed(data):
                     yield event
             rest = splitter.rest()
             if rest.strip():
                 yield rest + b"\n\n"
-        except httpx.HTTPError as exc:
+        except _TRANSPORT_ERRORS as exc:
             raise transport_error(exc, self.name) from exc
         finally:
-            await response.aclose()
+            if response.content.at_eof():
+                response.release()  # the connection goes back to the pool
+            else:
+                response.close()  # abandoned mid-stream: the connection cannot be reused
 
     async def probe(self, timeout_s: float) -> ProbeResult:
         started = time.perf_counter()
+        headers = {k: v for k, v in self._headers.items() if k == "authorization"}
         try:
-            response = await self.client.get(
-                self.probe_url,
-                headers={k: v for k, v in self._headers.items() if k == "authorization"},
-                timeout=timeout_s,
-            )
-        except httpx.HTTPError as exc:
-            detail = str(exc) or type(exc).__name__
-            message = f"{transport_error(exc, self.name).message} ({detail[:200]})"
+            async with self.session.get(
+                self.probe_url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as response:
+                body = await response.read()
+                status = response.status
+        except _TRANSPORT_ERRORS as exc:
+            if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+                message = f"no answer within {timeout_s:g}s"
+            else:
+                detail = str(exc) or type(exc).__name__
+                message = f"{transport_error(exc, self.name).message} ({detail[:200]})"
             return ProbeResult(False, time.perf_counter() - started, message)
         latency = time.perf_counter() - started
-        if response.status_code != 200:
-            return ProbeResult(False, latency, f"HTTP {response.status_code}")
-        return ProbeResult(True, latency, None, _model_ids(response.content))
+        if status != 200:
+            return ProbeResult(False, latency, f"HTTP {status}")
+        return ProbeResult(True, latency, None, _model_ids(body))
 
     async def aclose(self) -> None:
-        return None  # the shared client belongs to the app
+        return None  # the shared session belongs to the app
 
 
 def _model_ids(body: bytes) -> tuple[str, ...]:

@@ -1,7 +1,13 @@
-"""A real OTLP/gRPC trace receiver for tests, built on the collector's own service definitions."""
+"""A real OTLP/gRPC trace receiver, built on the collector's own service definitions.
+
+Tests use it to assert on the spans a daemon sends; the benchmark runs it as the live
+collector (``python -m bench.otlp --port P``), keeping only counts.
+"""
 
 from __future__ import annotations
 
+import argparse
+import socket
 import threading
 import time
 from concurrent import futures
@@ -11,8 +17,6 @@ from typing import Any
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
-
-from tests.helpers import free_port
 
 
 @dataclass
@@ -41,6 +45,12 @@ class _Service(trace_service_pb2_grpc.TraceServiceServicer):
 
     def Export(self, request: Any, context: Any) -> Any:
         with self.receiver.lock:
+            if not self.receiver.keep:
+                self.receiver.count += sum(
+                    len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans
+                )
+                self.receiver.exports += 1
+                return trace_service_pb2.ExportTraceServiceResponse()
             for resource_spans in request.resource_spans:
                 resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
                 for scope_spans in resource_spans.scope_spans:
@@ -65,8 +75,10 @@ class _Service(trace_service_pb2_grpc.TraceServiceServicer):
 class OTLPReceiver:
     """``with OTLPReceiver() as r:`` listens on r.endpoint until the block ends (or ``stop()``)."""
 
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
+    def __init__(self, port: int | None = None, keep: bool = True) -> None:
+        self.port = port or _free_port()
+        self.keep = keep  # False: count spans only (the benchmark's collector)
+        self.count = 0
         self.spans: list[ReceivedSpan] = []
         self.exports = 0
         self.lock = threading.Lock()
@@ -105,3 +117,25 @@ class OTLPReceiver:
         with self.lock:
             names = [s.name for s in self.spans]
         raise AssertionError(f"no matching span within {timeout}s; received: {names}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="a counting OTLP/gRPC trace receiver")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    receiver = OTLPReceiver(args.port, keep=False).start()
+    try:
+        assert receiver.server is not None
+        receiver.server.wait_for_termination()
+    except KeyboardInterrupt:
+        receiver.stop()
+
+
+if __name__ == "__main__":
+    main()
