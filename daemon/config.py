@@ -229,7 +229,9 @@ def _format_errors(error: ValidationError) -> str:
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     data_dir = Path(raw.get("data_dir") or "data")
     raw["data_dir"] = data_dir if data_dir.is_absolute() else base / data_dir
-    ledger = raw.get("ledger")
+    ledger = raw.setdefault("ledger", {})
+    if isinstance(ledger, dict):
+        ledger.setdefault("url", LedgerConfig.model_fields["url"].default)
     if isinstance(ledger, dict) and isinstance(ledger.get("url"), str):
         url: str = ledger["url"]
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):

@@ -157,7 +157,6 @@ class Gateway:
                 timeout=aiohttp.ClientTimeout(
                     total=None, connect=s.upstream.connect_timeout_s, sock_read=s.upstream.timeout_s
                 ),
-                trust_env=True,  # HTTP(S)_PROXY and NO_PROXY, as operators expect
             )
             self._stack.push_async_callback(self.http.close)
             deployments = self._deployments(self.http)
@@ -197,7 +196,7 @@ class Gateway:
     def _on_auth_attempt(self, result: str) -> None:
         if self.metrics is not None:
             self.metrics.record_auth_attempt(result)
-        if self.tracing is not None:
+        if self.tracing is not None and result != "success":  # success: see new_usage
             instrument_authentication(result)
 
     def _instrument_batch(self, rows: int) -> AbstractContextManager[Any]:

@@ -23,6 +23,7 @@ import os
 import platform
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -296,19 +297,29 @@ class MetricsCollector:
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
 
+        self._children: dict[tuple[Any, ...], Any] = {}
         self._process = psutil.Process()
         self._cpu_seen = 0.0
         self.start_time.set(self._process.create_time())
         self._dropped_seen = 0
         self.sample_process()
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: labels() validates and locks on every
+        call, about 4 µs; a request records about ten series."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     # -- the seed's methods -------------------------------------------------------
 
     def record_http_request(
         self, method: str, endpoint: str, status_code: int, duration: float
     ) -> None:
-        self.http_requests.labels(method, endpoint, str(status_code)).inc()
-        self.http_duration.labels(method, endpoint).observe(duration)
+        self._child(self.http_requests, method, endpoint, str(status_code)).inc()
+        self._child(self.http_duration, method, endpoint).observe(duration)
 
     def record_token_usage(
         self, model: str, user_type: str, provider: str, tokens: TokenCounts
@@ -320,14 +331,14 @@ class MetricsCollector:
             ("reasoning", tokens.reasoning),
         ):
             if n:
-                self.tokens.labels(model, provider, user_type, token_type).inc(n)
+                self._child(self.tokens, model, provider, user_type, token_type).inc(n)
 
     def record_request_cost(self, model: str, user_type: str, provider: str, cost: float) -> None:
         if cost:
-            self.cost.labels(model, provider, user_type).inc(cost)
+            self._child(self.cost, model, provider, user_type).inc(cost)
 
     def record_model_request(self, model: str, provider: str, status: str) -> None:
-        self.model_requests.labels(model, provider, status).inc()
+        self._child(self.model_requests, model, provider, status).inc()
 
     async def update_business_metrics(self, stats: Callable[[], Awaitable[DayStats]]) -> None:
         day = await stats()
@@ -350,28 +361,30 @@ class MetricsCollector:
         self.record_token_usage(model, u.user_type, provider, u.tokens)
         self.record_request_cost(model, u.user_type, provider, u.cost_usd)
         outcome = "success" if u.error_type is None else "error"
-        self.request_duration.labels(model, provider, u.user_type, outcome).observe(u.latency_s)
+        self._child(self.request_duration, model, provider, u.user_type, outcome).observe(
+            u.latency_s
+        )
         if u.upstream_latency_s is not None:
-            self.upstream_latency.labels(model, provider).observe(u.upstream_latency_s)
-            self.overhead.labels(model, provider).observe(
+            self._child(self.upstream_latency, model, provider).observe(u.upstream_latency_s)
+            self._child(self.overhead, model, provider).observe(
                 max(u.latency_s - u.upstream_latency_s, 0.0)
             )
         if u.ttft_s is not None:
-            self.ttft.labels(model, provider, u.user_type).observe(u.ttft_s)
+            self._child(self.ttft, model, provider, u.user_type).observe(u.ttft_s)
             if u.tokens.output > 1 and u.error_type is None:
-                self.tpot.labels(model, provider).observe(
+                self._child(self.tpot, model, provider).observe(
                     (u.latency_s - u.ttft_s) / (u.tokens.output - 1)
                 )
 
     def record_auth_attempt(self, result: str) -> None:
         method = "none" if result == "missing" else "bearer"
-        self.auth_attempts.labels(method, result).inc()
+        self._child(self.auth_attempts, method, result).inc()
 
     def record_rate_limit(self, limit_type: str, user_type: str) -> None:
-        self.rate_limited.labels(limit_type, user_type).inc()
+        self._child(self.rate_limited, limit_type, user_type).inc()
 
     def record_db(self, operation: str, table: str, seconds: float) -> None:
-        self.db_duration.labels(operation, table).observe(seconds)
+        self._child(self.db_duration, operation, table).observe(seconds)
 
     # -- the ledger writer's observer ----------------------------------------------
 

@@ -23,12 +23,6 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 log = logging.getLogger("chatvault.tracing")
 
-# The OTLP exporters log why an export failed; their words are the most useful error text.
-EXPORTER_LOGGERS = (
-    "opentelemetry.exporter.otlp.proto.grpc.exporter",
-    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-)
-
 
 @dataclass
 class ExportStatus:
@@ -73,15 +67,6 @@ class ExportStatus:
         return self.last_success is None or self.last_failure > self.last_success
 
 
-class _ErrorCapture(logging.Handler):
-    def __init__(self, status: ExportStatus) -> None:
-        super().__init__(level=logging.WARNING)
-        self.status = status
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.status.last_error = record.getMessage()[:500]
-
-
 class ExportingSpanProcessor(SpanProcessor):
     def __init__(
         self,
@@ -103,9 +88,6 @@ class ExportingSpanProcessor(SpanProcessor):
         self._stopping = False
         self._deadline: float | None = None
         self._export_lock = threading.Lock()
-        self._capture = _ErrorCapture(status)
-        for name in EXPORTER_LOGGERS:
-            logging.getLogger(name).addHandler(self._capture)
         self._thread = threading.Thread(
             target=self._work, name="chatvault-span-export", daemon=True
         )
@@ -158,8 +140,8 @@ class ExportingSpanProcessor(SpanProcessor):
             self.status.export_failures += 1
             self.status.spans_failed += len(batch)
             self.status.last_failure = now
-            if self.status.last_error is None:
-                self.status.last_error = "export failed"
+            reason = getattr(self.exporter, "last_error", None)
+            self.status.last_error = reason or self.status.last_error or "export failed"
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._export_all(time.monotonic() + timeout_millis / 1000)
@@ -174,8 +156,4 @@ class ExportingSpanProcessor(SpanProcessor):
         left = len(self._queue)
         if left:
             log.warning("tracing: %d spans not exported before shutdown", left)
-        try:
-            self.exporter.shutdown()
-        finally:
-            for name in EXPORTER_LOGGERS:
-                logging.getLogger(name).removeHandler(self._capture)
+        self.exporter.shutdown()

@@ -43,6 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from daemon import __version__
 from daemon.config import TracingConfig
 from daemon.context import route_template
+from daemon.otlp import GrpcSpanExporter, HttpSpanExporter
 from daemon.trace_export import ExportingSpanProcessor, ExportStatus
 from daemon.usage import Usage
 
@@ -180,20 +181,8 @@ def resolve(config: TracingConfig, environ: Mapping[str, str]) -> TraceSettings:
 
 def _exporter(s: TraceSettings) -> SpanExporter:
     if s.protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HTTPExporter,
-        )
-
-        return HTTPExporter(endpoint=s.endpoint, headers=s.headers, timeout=s.export_timeout_s)
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-    parts = urlsplit(s.endpoint if "://" in s.endpoint else "http://" + s.endpoint)
-    return OTLPSpanExporter(
-        endpoint=parts.netloc,
-        insecure=parts.scheme != "https",
-        headers=s.headers,
-        timeout=s.export_timeout_s,
-    )
+        return HttpSpanExporter(s.endpoint, headers=s.headers, timeout_s=s.export_timeout_s)
+    return GrpcSpanExporter(s.endpoint, headers=s.headers, timeout_s=s.export_timeout_s)
 
 
 class Tracing:
@@ -237,6 +226,25 @@ class Tracing:
         self.propagator.inject(carrier, context=trace.set_span_in_context(span))
 
 
+def start_span(
+    tracer: trace.Tracer,
+    name: str,
+    *,
+    kind: SpanKind,
+    attributes: Mapping[str, Any],
+    context: otel_context.Context | None = None,
+) -> Span:
+    """Start a span, then set its attributes in one call.
+
+    Passed to ``start_span`` itself, attributes are validated twice (once more for the
+    sampler's result): the biggest part of a span's cost on the request path.
+    """
+    span = tracer.start_span(name, context=context, kind=kind, record_exception=False)
+    if span.is_recording():
+        span.set_attributes(attributes)
+    return span
+
+
 # -- the seed's instrumentation functions -------------------------------------------
 
 
@@ -257,7 +265,7 @@ def instrument_external_api_call(
         attrs["server.address"] = server_address
     if server_port:
         attrs["server.port"] = server_port
-    return tracing.tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attrs)
+    return start_span(tracing.tracer, name, kind=SpanKind.CLIENT, attributes=attrs)
 
 
 def instrument_chat_completion(
@@ -276,7 +284,6 @@ def instrument_chat_completion(
         "gen_ai.operation.name": operation,
         "gen_ai.provider.name": _PROVIDER_NAMES.get(provider, provider),
         "gen_ai.request.model": upstream_model,
-        "chatvault.model": usage.model,
         "chatvault.user_type": usage.user_type,
         "chatvault.key_id": usage.key_id,
     }
@@ -316,20 +323,26 @@ def end_chat_completion(
     span: Span, usage: Usage, *, error: str | None = None, output: str | None = None
 ) -> None:
     """Put the outcome on an upstream span and end it."""
+    if not span.is_recording():
+        span.end()
+        return
+    attrs: dict[str, Any] = {
+        "gen_ai.usage.input_tokens": usage.tokens.input,
+        "gen_ai.usage.output_tokens": usage.tokens.output,
+        "chatvault.cost_usd": usage.cost_usd,
+    }
     if usage.response_model:
-        span.set_attribute("gen_ai.response.model", usage.response_model)
+        attrs["gen_ai.response.model"] = usage.response_model
     if usage.response_id:
-        span.set_attribute("gen_ai.response.id", usage.response_id)
+        attrs["gen_ai.response.id"] = usage.response_id
     if usage.finish_reasons:
-        span.set_attribute("gen_ai.response.finish_reasons", usage.finish_reasons)
-    span.set_attribute("gen_ai.usage.input_tokens", usage.tokens.input)
-    span.set_attribute("gen_ai.usage.output_tokens", usage.tokens.output)
-    span.set_attribute("chatvault.cost_usd", usage.cost_usd)
+        attrs["gen_ai.response.finish_reasons"] = usage.finish_reasons
     if output is not None:
-        span.set_attribute("gen_ai.output.messages", output)
+        attrs["gen_ai.output.messages"] = output
     if error is not None:
-        span.set_attribute("error.type", error)
+        attrs["error.type"] = error
         span.set_status(Status(StatusCode.ERROR, error))
+    span.set_attributes(attrs)
     span.end()
 
 
@@ -380,7 +393,9 @@ def instrument_database_operation(
     }
     if rows is not None:
         attrs["db.operation.batch.size"] = rows
-    span = tracing.tracer.start_span(f"{operation} {table}", kind=SpanKind.CLIENT, attributes=attrs)
+    span = start_span(
+        tracing.tracer, f"{operation} {table}", kind=SpanKind.CLIENT, attributes=attrs
+    )
     try:
         yield span
     except BaseException as exc:
@@ -424,8 +439,8 @@ class TracingMiddleware:
         if client:
             attrs["client.address"] = client[0]
         parent = self.tracing.propagator.extract(carrier) if carrier else None
-        span = self.tracer.start_span(
-            scope["method"], context=parent, kind=SpanKind.SERVER, attributes=attrs
+        span = start_span(
+            self.tracer, scope["method"], context=parent, kind=SpanKind.SERVER, attributes=attrs
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         state = scope.setdefault("state", {})
@@ -444,15 +459,15 @@ class TracingMiddleware:
             span.set_attribute("error.type", type(exc).__name__)
             raise
         finally:
-            route = route_template(scope)
-            span.update_name(
-                f"{scope['method']} {route}" if route != "unmatched" else scope["method"]
-            )
-            if route != "unmatched":
-                span.set_attribute("http.route", route)
-            span.set_attribute("http.response.status_code", status_code)
-            if status_code >= 500:
-                span.set_status(Status(StatusCode.ERROR))
-                span.set_attribute("error.type", str(status_code))
+            if span.is_recording():
+                route = route_template(scope)
+                end: dict[str, Any] = {"http.response.status_code": status_code}
+                if route != "unmatched":
+                    span.update_name(f"{scope['method']} {route}")
+                    end["http.route"] = route
+                if status_code >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+                    end["error.type"] = str(status_code)
+                span.set_attributes(end)
             span.end()
             otel_context.detach(token)

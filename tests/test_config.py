@@ -105,6 +105,14 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
     assert load_config(absolute, environ={}).ledger.url == "sqlite:////var/tmp/abs.db"
 
 
+def test_the_default_ledger_lives_beside_the_config(tmp_path: Path) -> None:
+    path = write(tmp_path, "models: [{name: a, provider: mock}]\n")
+    assert (
+        load_config(path, environ={}).ledger.url
+        == f"sqlite:///{tmp_path / 'data' / 'chatvault.db'}"
+    )
+
+
 def test_environment_overrides(tmp_path: Path) -> None:
     path = write(tmp_path, "models: [{name: a, provider: mock}]\n")
     settings = load_config(

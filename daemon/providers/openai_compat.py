@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from daemon.errors import (
     GatewayError,
@@ -114,13 +116,20 @@ class OpenAICompatProvider:
         self.session = session
         self.timeout = aiohttp.ClientTimeout(sock_read=timeout_s) if timeout_s else None
         self.probe_url = self.root + "/api/tags" if name == "ollama" else self.base + probe_path
+        # HTTP(S)_PROXY and NO_PROXY, resolved once: aiohttp's trust_env would look
+        # them up again in a worker thread on every request.
+        self.proxy = env_proxy(self.base)
         self._headers = {"content-type": "application/json"}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
 
     async def _send(self, path: str, call: UpstreamCall) -> aiohttp.ClientResponse:
         headers = {**self._headers, **call.headers} if call.headers else self._headers
-        options: dict[str, Any] = {"data": orjson.dumps(call.body), "headers": headers}
+        options: dict[str, Any] = {
+            "data": orjson.dumps(call.body),
+            "headers": headers,
+            "proxy": self.proxy,
+        }
         timeout = (
             aiohttp.ClientTimeout(sock_read=call.timeout_s) if call.timeout_s else self.timeout
         )
@@ -186,7 +195,10 @@ class OpenAICompatProvider:
         headers = {k: v for k, v in self._headers.items() if k == "authorization"}
         try:
             async with self.session.get(
-                self.probe_url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
+                self.probe_url,
+                headers=headers,
+                proxy=self.proxy,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as response:
                 body = await response.read()
                 status = response.status
@@ -204,6 +216,15 @@ class OpenAICompatProvider:
 
     async def aclose(self) -> None:
         return None  # the shared session belongs to the app
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment asks for this URL, if any."""
+    try:
+        proxy, _ = get_env_proxy_for_url(URL(url))
+    except LookupError:
+        return None
+    return str(proxy)
 
 
 def _model_ids(body: bytes) -> tuple[str, ...]:
