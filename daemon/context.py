@@ -32,6 +32,21 @@ def route_template(scope: Scope) -> str:
     return path if isinstance(path, str) else "unmatched"
 
 
+class StatusRecorder:
+    """Wraps an ASGI ``send`` and remembers the response status (500 until one is sent)."""
+
+    __slots__ = ("send", "status")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.status = 500
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self.send(message)
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, header: str = "x-request-id", access_log: bool = True) -> None:
         self.app = app

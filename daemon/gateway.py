@@ -342,8 +342,8 @@ class Gateway:
 
     async def open_stream(
         self, plan: list[Deployment], call: UpstreamCall, usage: Usage, info: StreamInfo
-    ) -> AsyncIterator[bytes]:
-        async def attempt(provider: Provider) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[list[bytes]]:
+        async def attempt(provider: Provider) -> AsyncIterator[list[bytes]]:
             return await provider.open_stream(call, info)
 
         return await self._attempts(plan, call, usage, attempt)
@@ -419,7 +419,7 @@ class Gateway:
 
     async def relay(
         self,
-        events: AsyncIterator[bytes],
+        events: AsyncIterator[list[bytes]],
         info: StreamInfo,
         usage: Usage,
         client_wants_usage: bool,
@@ -429,14 +429,14 @@ class Gateway:
         first = True
         upstream_started = time.perf_counter() - (usage.upstream_latency_s or 0.0)
         try:
-            async for event in events:
-                out = observe(event, info, client_wants_usage)
-                if out is None:
+            async for batch in events:
+                kept = [e for e in batch if observe(e, info, client_wants_usage) is not None]
+                if not kept:
                     continue
                 if first:
                     usage.ttft_s = time.perf_counter() - usage.perf_start
                     first = False
-                yield out
+                yield kept[0] if len(kept) == 1 else b"".join(kept)
             completed = True
             if info.error is not None:
                 usage.status_code = 502

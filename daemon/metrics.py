@@ -29,10 +29,10 @@ import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client import multiprocess as prom_multiprocess
 from prometheus_client.exposition import choose_encoder
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from daemon import __version__
-from daemon.context import route_template
+from daemon.context import StatusRecorder, route_template
 from daemon.ledger.base import DayStats
 from daemon.trace_export import ExportStatus
 from daemon.usage import TokenCounts, Usage
@@ -473,23 +473,16 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
         in_flight = self.collector.in_flight
         in_flight.inc()
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        recorder = StatusRecorder(send)
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, recorder)
         finally:
             in_flight.dec()
             endpoint = route_template(scope)
             if endpoint not in _UNMEASURED:
                 method = scope["method"] if scope["method"] in _METHODS else "OTHER"
                 self.collector.record_http_request(
-                    method, endpoint, status, time.perf_counter() - started
+                    method, endpoint, recorder.status, time.perf_counter() - started
                 )

@@ -38,11 +38,11 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from daemon import __version__
 from daemon.config import TracingConfig
-from daemon.context import route_template
+from daemon.context import StatusRecorder, route_template
 from daemon.otlp import GrpcSpanExporter, HttpSpanExporter
 from daemon.trace_export import ExportingSpanProcessor, ExportStatus
 from daemon.usage import Usage
@@ -445,21 +445,15 @@ class TracingMiddleware:
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         state = scope.setdefault("state", {})
         state["trace_id"] = format(span.get_span_context().trace_id, "032x")
-        status_code = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status_code
-            if message["type"] == "http.response.start":
-                status_code = message["status"]
-            await send(message)
-
+        recorder = StatusRecorder(send)
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, recorder)
         except BaseException as exc:
             span.set_attribute("error.type", type(exc).__name__)
             raise
         finally:
             if span.is_recording():
+                status_code = recorder.status
                 route = route_template(scope)
                 end: dict[str, Any] = {"http.response.status_code": status_code}
                 if route != "unmatched":

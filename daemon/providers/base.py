@@ -95,11 +95,12 @@ class Provider(Protocol):
 
     async def complete(self, call: UpstreamCall) -> Reply: ...
 
-    async def open_stream(self, call: UpstreamCall, info: StreamInfo) -> AsyncIterator[bytes]:
+    async def open_stream(self, call: UpstreamCall, info: StreamInfo) -> AsyncIterator[list[bytes]]:
         """Start the upstream call; raise before returning if it failed to start.
 
-        The iterator yields complete SSE events (``data: ...\\n\\n``) in OpenAI's
-        chunk format and updates ``info`` as they pass.
+        The iterator yields lists of complete SSE events (``data: ...\\n\\n``) in
+        OpenAI's chunk format: the events that arrived together, so that they can be
+        forwarded together.
         """
         ...
 

@@ -103,7 +103,7 @@ class LiteLLMProvider:
         body = response.model_dump(exclude_none=False)
         return Reply.from_json(response.model_dump_json().encode(), body)
 
-    async def open_stream(self, call: UpstreamCall, info: StreamInfo) -> AsyncIterator[bytes]:
+    async def open_stream(self, call: UpstreamCall, info: StreamInfo) -> AsyncIterator[list[bytes]]:
         litellm = await load_litellm()
         kwargs = self._kwargs(call)
         kwargs["stream"] = True
@@ -113,13 +113,13 @@ class LiteLLMProvider:
             raise litellm_error(exc, self.name) from exc
         return self._events(stream)
 
-    async def _events(self, stream: Any) -> AsyncIterator[bytes]:
+    async def _events(self, stream: Any) -> AsyncIterator[list[bytes]]:
         try:
             async for chunk in stream:
-                yield sse_event(chunk.model_dump(exclude_none=True))
+                yield [sse_event(chunk.model_dump(exclude_none=True))]
         except Exception as exc:
             raise litellm_error(exc, self.name) from exc
-        yield SSE_DONE
+        yield [SSE_DONE]
 
     async def embed(self, call: UpstreamCall) -> Reply:
         litellm = await load_litellm()

@@ -131,7 +131,7 @@ class MockProvider:
         }
         return Reply(orjson.dumps(body), tokens, self.model, response_id, (finish,))
 
-    async def open_stream(self, call: UpstreamCall, info: StreamInfo) -> AsyncIterator[bytes]:
+    async def open_stream(self, call: UpstreamCall, info: StreamInfo) -> AsyncIterator[list[bytes]]:
         fail_mid_stream = self._check_failure(call.body)
         words, finish, n_in = self._plan(call.body)
         include_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
@@ -140,7 +140,7 @@ class MockProvider:
 
     async def _stream(
         self, words: list[str], finish: str, n_in: int, include_usage: bool, fail: bool
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[list[bytes]]:
         response_id = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
 
@@ -158,36 +158,32 @@ class MockProvider:
                 payload["usage"] = None
             return sse_event(payload)
 
-        yield chunk({"role": "assistant", "content": ""})
+        yield [chunk({"role": "assistant", "content": ""})]
         for i, word in enumerate(words):
             await self._delay(self.options.chunk_delay_s)
-            yield chunk({"content": word if i == 0 else " " + word})
+            yield [chunk({"content": word if i == 0 else " " + word})]
             if fail and i == 1:
-                yield sse_event(
-                    {
-                        "error": {
-                            "message": "The mock model failed mid-stream on purpose.",
-                            "type": "upstream_error",
-                            "param": None,
-                            "code": "bad_gateway",
-                        }
-                    }
-                )
+                error = {
+                    "message": "The mock model failed mid-stream on purpose.",
+                    "type": "upstream_error",
+                    "param": None,
+                    "code": "bad_gateway",
+                }
+                yield [sse_event({"error": error})]
                 return
-        yield chunk({}, finish)
+        yield [chunk({}, finish)]
         if include_usage:
             tokens = TokenCounts(input=n_in, output=count_tokens(" ".join(words)))
-            yield sse_event(
-                {
-                    "id": response_id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": self.model,
-                    "choices": [],
-                    "usage": _usage(tokens),
-                }
-            )
-        yield SSE_DONE
+            final = {
+                "id": response_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model,
+                "choices": [],
+                "usage": _usage(tokens),
+            }
+            yield [sse_event(final)]
+        yield [SSE_DONE]
 
     async def embed(self, call: UpstreamCall) -> Reply:
         raw = call.body.get("input")

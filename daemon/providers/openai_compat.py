@@ -169,19 +169,20 @@ class OpenAICompatProvider:
     async def embed(self, call: UpstreamCall) -> Reply:
         return await self._post_json("/embeddings", call)
 
-    async def open_stream(self, call: UpstreamCall, info: StreamInfo) -> AsyncIterator[bytes]:
+    async def open_stream(self, call: UpstreamCall, info: StreamInfo) -> AsyncIterator[list[bytes]]:
         response = await self._send("/chat/completions", call)
         return self._events(response)
 
-    async def _events(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def _events(self, response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
         splitter = EventSplitter()
         try:
             async for data in response.content.iter_any():
-                for event in splitter.feed(data):
-                    yield event
+                events = splitter.feed(data)
+                if events:
+                    yield events  # together, as they arrived: none is held back
             rest = splitter.rest()
             if rest.strip():
-                yield rest + b"\n\n"
+                yield [rest + b"\n\n"]
         except _TRANSPORT_ERRORS as exc:
             raise transport_error(exc, self.name) from exc
         finally:

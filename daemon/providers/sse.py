@@ -46,6 +46,18 @@ def event_data(event: bytes) -> bytes | None:
     return b"\n".join(parts) if parts else None
 
 
+def _plain_delta(data: bytes) -> bool:
+    """A content chunk with no usage, no finish reason and no error. Conservative: any
+    doubt (other spacing, other fields) means the chunk is parsed."""
+    if b'"error"' in data:
+        return False
+    if b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data:
+        return False
+    reasons = data.count(b'"finish_reason"')
+    nulls = data.count(b'"finish_reason":null') + data.count(b'"finish_reason": null')
+    return reasons == nulls
+
+
 def observe(event: bytes, info: StreamInfo, client_wants_usage: bool) -> bytes | None:
     """Learn from one event; return the bytes to forward, or None to drop it.
 
@@ -56,6 +68,8 @@ def observe(event: bytes, info: StreamInfo, client_wants_usage: bool) -> bytes |
     data = event_data(event)
     if data is None or data == b"[DONE]":
         return event
+    if info.response_id and not info.capture and _plain_delta(data):
+        return event  # nothing to learn from it: skip the JSON parse
     try:
         chunk: Any = orjson.loads(data)
     except orjson.JSONDecodeError:
