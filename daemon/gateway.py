@@ -161,7 +161,7 @@ class Gateway:
             self._stack.push_async_callback(self.http.close)
             deployments = self._deployments(self.http)
             self.health = HealthMonitor(
-                s, store=self.store, deployments=deployments, clock=self.clock
+                s, store=self.store, deployments=deployments, clock=self.clock, tracing=self.tracing
             )
             self.health.on_round = self._health_round_done
             self.router = Router(deployments, self.health.is_up)

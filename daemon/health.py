@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+from opentelemetry.trace import Status, StatusCode
 
 from daemon import __version__
 from daemon.config import ConfigError, Settings, load_config
 from daemon.ledger.base import Store, StoreCheck
 from daemon.router import Deployment
+from daemon.tracing import Tracing, instrument_external_api_call
 
 log = logging.getLogger("chatvault.health")
 
@@ -103,8 +105,10 @@ class HealthMonitor:
         store: Store,
         deployments: list[Deployment],
         clock: Callable[[], float] = time.time,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing  # probes are traced as external API calls
         self.store = store
         self.clock = clock
         self.interval_s = settings.monitoring.health.probe_interval_s
@@ -184,6 +188,15 @@ class HealthMonitor:
 
     async def _probe(self, upstream: UpstreamState) -> None:
         provider = upstream.deployments[0].provider
+        span = None
+        if self.tracing is not None:
+            span = instrument_external_api_call(
+                self.tracing,
+                "GET health probe",
+                server_address=provider.server_address,
+                server_port=provider.server_port,
+                attributes={"http.request.method": "GET", "chatvault.upstream": upstream.name},
+            )
         started = time.perf_counter()
         try:
             result = await asyncio.wait_for(provider.probe(self.timeout_s), self.timeout_s)
@@ -202,6 +215,11 @@ class HealthMonitor:
             )
         upstream.reachable, upstream.error, upstream.latency_s = reachable, error, latency
         upstream.checked_at = self.clock()
+        if span is not None:
+            if not reachable:
+                span.set_attribute("error.type", "unreachable")
+                span.set_status(Status(StatusCode.ERROR, error))
+            span.end()
         if reachable:
             for d in upstream.deployments:
                 self.report_success(d)

@@ -202,19 +202,22 @@ class Encoder:
         return cached[1]
 
     def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
+        return self.request([encoded(span) for span in spans])
+
+    def request(self, spans: Sequence[EncodedSpan]) -> bytes:
+        """An ExportTraceServiceRequest from spans already encoded one by one."""
         # Grouped by identity: hashing a Resource serialises it to JSON every time.
         grouped: dict[
             int, tuple[Resource, dict[int, tuple[InstrumentationScope | None, list[bytes]]]]
         ] = {}
-        for span in spans:
-            resource, scope = span.resource, span.instrumentation_scope
+        for resource, scope, data in spans:
             by_scope = grouped.setdefault(id(resource), (resource, {}))[1]
-            by_scope.setdefault(id(scope), (scope, []))[1].append(encode_span(span))
+            by_scope.setdefault(id(scope), (scope, []))[1].append(data)
         out = []
         for resource, by_scope in grouped.values():
             scope_spans = []
-            for scope, encoded in by_scope.values():
-                body = self._scope(scope) + b"".join(_len(2, s) for s in encoded)
+            for scope, datas in by_scope.values():
+                body = self._scope(scope) + b"".join(_len(2, d) for d in datas)
                 if scope is not None and scope.schema_url:
                     body += _str(3, scope.schema_url)
                 scope_spans.append(_len(2, body))
@@ -225,7 +228,15 @@ class Encoder:
         return b"".join(out)
 
 
-class _Exporter(SpanExporter):
+EncodedSpan = tuple[Resource, InstrumentationScope | None, bytes]
+
+
+def encoded(span: ReadableSpan) -> EncodedSpan:
+    """One span's bytes, with what groups it in a request."""
+    return (span.resource, span.instrumentation_scope, encode_span(span))
+
+
+class OTLPExporter(SpanExporter):
     """Retries within ``timeout_s`` with backoff; ``last_error`` says why it failed."""
 
     def __init__(self, timeout_s: float) -> None:
@@ -239,10 +250,14 @@ class _Exporter(SpanExporter):
         raise NotImplementedError
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self.export_encoded([encoded(span) for span in spans])
+
+    def export_encoded(self, spans: Sequence[EncodedSpan]) -> SpanExportResult:
+        """Export spans encoded beforehand (see ``ExportingSpanProcessor``)."""
         if self._shutdown.is_set():
             self.last_error = "exporter is shut down"
             return SpanExportResult.FAILURE
-        payload = self.encoder.encode(spans)
+        payload = self.encoder.request(spans)
         deadline = time.monotonic() + self.timeout_s
         backoff = 0.25
         while True:
@@ -264,7 +279,7 @@ class _Exporter(SpanExporter):
         self._shutdown.set()
 
 
-class GrpcSpanExporter(_Exporter):
+class GrpcSpanExporter(OTLPExporter):
     RETRYABLE = frozenset(
         {
             "CANCELLED",
@@ -305,7 +320,7 @@ class GrpcSpanExporter(_Exporter):
         self.channel.close()
 
 
-class HttpSpanExporter(_Exporter):
+class HttpSpanExporter(OTLPExporter):
     RETRYABLE = frozenset({429, 502, 503, 504})
 
     def __init__(self, url: str, *, headers: Mapping[str, str], timeout_s: float) -> None:

@@ -16,10 +16,13 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from daemon.otlp import OTLPExporter, encoded
 
 log = logging.getLogger("chatvault.tracing")
 
@@ -38,7 +41,7 @@ class ExportStatus:
     last_success: float | None = None
     last_failure: float | None = None
     last_error: str | None = None
-    queue: collections.deque[ReadableSpan] = field(default_factory=collections.deque, repr=False)
+    queue: collections.deque[Any] = field(default_factory=collections.deque, repr=False)
 
     @property
     def queue_size(self) -> int:
@@ -84,6 +87,10 @@ class ExportingSpanProcessor(SpanProcessor):
         self.shutdown_timeout_s = shutdown_timeout_s
         self._queue = status.queue
         self._capacity = status.queue_capacity
+        # With ChatVault's own OTLP exporters each span is encoded as it ends, on the
+        # request path (tens of µs): encoding whole batches on this thread instead would
+        # hold the GIL in long stretches and stall the event loop (tail latency).
+        self._encode = isinstance(exporter, OTLPExporter)
         self._wake = threading.Event()
         self._stopping = False
         self._deadline: float | None = None
@@ -102,7 +109,7 @@ class ExportingSpanProcessor(SpanProcessor):
         if len(self._queue) >= self._capacity:
             self.status.spans_dropped += 1
             return
-        self._queue.append(span)
+        self._queue.append(encoded(span) if self._encode else span)
         if len(self._queue) >= self.max_batch_size:
             self._wake.set()
 
@@ -126,9 +133,13 @@ class ExportingSpanProcessor(SpanProcessor):
                 self._export(batch)
         return True
 
-    def _export(self, batch: Sequence[ReadableSpan]) -> None:
+    def _export(self, batch: Sequence[Any]) -> None:
         try:
-            result = self.exporter.export(batch)
+            if self._encode:
+                assert isinstance(self.exporter, OTLPExporter)
+                result = self.exporter.export_encoded(batch)
+            else:
+                result = self.exporter.export(batch)
         except Exception as exc:  # an exporter must not take the worker down
             result = SpanExportResult.FAILURE
             self.status.last_error = f"{type(exc).__name__}: {exc}"

@@ -187,6 +187,26 @@ def test_ledger_batches_are_traced_as_database_operations(traced: Any) -> None:
     assert batch.attributes["db.operation.batch.size"] >= 1
 
 
+def test_health_probes_are_traced_as_external_calls(tmp_path: Path) -> None:
+    state = Upstream()
+    with OTLPReceiver() as receiver, ServerThread(openai_upstream(state)) as upstream:
+        config = traced_config(receiver)
+        config["models"] = [
+            {
+                "name": "remote",
+                "provider": "openai",
+                "model": "up-model",
+                "api_base": upstream.url + "/v1",
+            }
+        ]
+        with running(tmp_path, config, env=FAST_EXPORT):
+            probe = receiver.wait_for(lambda s: s.name == "GET health probe")[0]
+            assert probe.kind == CLIENT
+            assert probe.attributes["server.port"] == upstream.port
+            assert probe.attributes["chatvault.upstream"] == f"openai 127.0.0.1:{upstream.port}"
+            assert "error.type" not in probe.attributes
+
+
 def test_traceparent_sent_upstream_names_the_client_span(tmp_path: Path) -> None:
     state = Upstream()
     with OTLPReceiver() as receiver, ServerThread(openai_upstream(state)) as upstream:
