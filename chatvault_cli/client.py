@@ -43,12 +43,16 @@ class Response:
 class DaemonClient:
     def __init__(self, url: str, *, admin_key: str | None = None, timeout: float = 5.0) -> None:
         parts = urlsplit(url if "://" in url else "http://" + url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise Unreachable(f"not an http(s) URL: {url}")
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+            raise Unreachable(f"not a usable http(s) URL: {url}")
         self.url = url.rstrip("/")
         self.scheme = parts.scheme
         self.host = parts.hostname
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.port = port or (443 if parts.scheme == "https" else 80)
         self.base_path = parts.path.rstrip("/")
         self.admin_key = admin_key
         self.timeout = timeout

@@ -555,3 +555,10 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        from chatvault_cli.offline import LedgerUnavailable  # only reached by offline commands
+
+        if not isinstance(exc, LedgerUnavailable):
+            raise
+        render.error(err, str(exc), hint="check ledger.url in the config, or CHATVAULT_LEDGER_URL")
+        sys.exit(1)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from daemon.config import Settings, load_config
 from daemon.keys import KeyRecord, create_key
 from daemon.ledger import Store, open_store
-from daemon.ledger.base import GroupBy
+from daemon.ledger.base import DuplicateKeyName, GroupBy
 from daemon.pricing import litellm_cost_map, needs_cost_map, price_for
 
 T = TypeVar("T")
@@ -43,6 +43,10 @@ def parse_since(value: str, now: float) -> float:
     return parsed.timestamp()
 
 
+class LedgerUnavailable(Exception):
+    """The configured ledger database cannot be used; the message says why."""
+
+
 def with_store(settings: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
     async def run() -> T:
         store = open_store(settings.ledger.url)
@@ -52,7 +56,13 @@ def with_store(settings: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
         finally:
             await store.close()
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except (DuplicateKeyName, ValueError):
+        raise
+    except Exception as exc:  # the database's own errors: one line for the operator
+        where = settings.ledger.url.split("@")[-1]
+        raise LedgerUnavailable(f"ledger {where}: {type(exc).__name__}: {exc}") from None
 
 
 def key_json(record: KeyRecord, secret: str | None = None) -> dict[str, Any]:

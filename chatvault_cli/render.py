@@ -34,9 +34,10 @@ def unreachable(message: str) -> Text:
 
 
 def error(console: Console, message: str, hint: str | None = None) -> None:
-    console.print(Text("error: ", style="bold red") + Text(message))
+    # soft_wrap: one message, one line, whatever the width (logs and pipes grep it).
+    console.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)
     if hint:
-        console.print(Text("hint: ", style="yellow") + Text(hint))
+        console.print(Text("hint: ", style="yellow") + Text(hint), soft_wrap=True)
 
 
 def success(console: Console, message: str) -> None:
@@ -116,12 +117,12 @@ def keys_table(console: Console, keys: Sequence[dict[str, Any]]) -> None:
             limits.append(f"budget {_money(k['budget_usd'])}")
         table.add_row(
             Text(k["id"], style="dim red strike" if revoked else ""),
-            k["name"],
-            k["prefix"],
-            k["user_type"],
-            ", ".join(limits) or "none",
+            Text(k["name"]),
+            Text(k["prefix"]),
+            Text(k["user_type"]),
+            Text(", ".join(limits) or "none"),
             _money(k.get("spend_usd")),
-            ",".join(k["models"]) if k.get("models") else "all",
+            Text(",".join(k["models"]) if k.get("models") else "all"),
             _when(k.get("created_at")),
         )
     console.print(table)
@@ -131,14 +132,14 @@ def usage_table(console: Console, by: str, rows: Sequence[dict[str, Any]], since
     if not rows:
         console.print(f"No requests in the ledger since {since}.")
         return
-    table = Table(title=f"Usage since {since}, by {by}", title_justify="left")
+    table = Table(title=Text(f"Usage since {since}, by {by}"), title_justify="left")
     table.add_column(by)
     for column in ("requests", "errors", "input tokens", "output tokens", "cost"):
         table.add_column(column, justify="right")
     totals = [0, 0, 0, 0, 0.0]
     for r in rows:
         table.add_row(
-            r[by],
+            Text(str(r[by])),
             f"{r['requests']:,}",
             f"{r['errors']:,}",
             f"{r['input_tokens']:,}",
@@ -170,7 +171,7 @@ def config_ok(
     table.add_column("provider")
     table.add_column("price", justify="right")
     for name, provider, price in models:
-        table.add_row(name, provider, price)
+        table.add_row(Text(name), Text(provider), Text(price))
     console.print(table)
     for message in warnings:
         warning(console, message)
@@ -240,14 +241,17 @@ def key_figures(name: str, c: dict[str, Any]) -> str:
 
 
 def health_view(body: dict[str, Any], url: str, detailed: bool) -> Group:
-    table = Table(title=f"ChatVault health · {url}", title_justify="left", expand=False)
+    table = Table(title=Text(f"ChatVault health · {url}"), title_justify="left", expand=False)
     table.add_column("component", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("message", overflow="fold")
     table.add_column("figures", overflow="fold")
     for name, c in body.get("components", {}).items():
         table.add_row(
-            name, status_text(c.get("status", "?")), c.get("message", ""), key_figures(name, c)
+            Text(name),
+            status_text(c.get("status", "?")),
+            Text(str(c.get("message", ""))),
+            Text(key_figures(name, c)),
         )
     summary = Text()
     summary.append("overall ", style="dim")
@@ -331,7 +335,7 @@ def top_view(
     for r in rows:
         err = r.get("error_rate")
         table.add_row(
-            r[by],
+            Text(str(r[by])),
             _num(r["requests_per_s"], "{:,.2f}"),
             f"{_num(r['tokens_in_per_s'], '{:,.0f}')}/{_num(r['tokens_out_per_s'], '{:,.0f}')}",
             _num(r["cost_per_hour_usd"], "{:,.4f}"),

@@ -70,12 +70,21 @@ async def _model_request(request: Request, operation: str) -> Response:
         # Ask upstream for usage even when the client did not, to count tokens; the
         # relay drops that extra chunk again.
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        info = StreamInfo(capture=gw.tracing is not None and gw.tracing.capture_content)
+        info = StreamInfo(
+            capture=gw.tracing is not None and gw.tracing.capture_content,
+            prompt_chars=prompt_chars(body),
+        )
         events = await gw.open_stream(plan, call, usage, info)
     except BaseException as exc:  # every authenticated request leaves a ledger row
         gw.fail(usage, exc)
         raise
     return EventStreamResponse(gw.relay(events, info, usage, params.include_usage), headers)
+
+
+def prompt_chars(body: dict[str, Any]) -> int:
+    return sum(
+        len(m["content"]) for m in body.get("messages") or () if isinstance(m.get("content"), str)
+    )
 
 
 async def chat_completions(request: Request) -> Response:

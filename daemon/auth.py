@@ -21,12 +21,13 @@ from daemon.errors import AuthenticationFailed, PermissionDenied, ServiceUnavail
 from daemon.keys import ADMIN_KEY_ID, KeyRecord, hash_key
 from daemon.ledger.base import Store
 from daemon.ledger.writer import SpendBook
-from daemon.limits import KeyLimits
+from daemon.limits import KeyLimits, take
 
 log = logging.getLogger("chatvault.auth")
 
 _NEGATIVE_TTL_S = 5.0
 _NEGATIVE_MAX = 10_000
+_LOOKUPS_PER_MINUTE = 3000
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,7 @@ class Authenticator:
         self._by_hash: dict[str, Principal] = {}
         self._unknown: OrderedDict[str, float] = OrderedDict()
         self._generation = -1
+        self._lookup_tat = 0.0
         self._task: asyncio.Task[None] | None = None
         self.last_refresh_error: str | None = None
         self.store_reachable = True
@@ -182,6 +184,13 @@ class Authenticator:
         expires = self._unknown.get(key_hash)
         if expires is not None and expires > now:
             return None, "invalid"
+        # Lookups of unknown keys are rate-limited, so a flood of random keys cannot
+        # flood the database; past the limit, new keys wait for the next refresh.
+        check = take(self._lookup_tat, now, _LOOKUPS_PER_MINUTE)
+        if not check.allowed:
+            return None, "invalid"
+        self._lookup_tat = check.tat
+        generation = self._generation
         try:
             record = await self.store.find_key(key_hash)
         except Exception as exc:
@@ -193,6 +202,10 @@ class Authenticator:
             while len(self._unknown) > _NEGATIVE_MAX:
                 self._unknown.popitem(last=False)
             return None, "invalid" if record is None else "revoked"
+        if self._generation != generation:
+            # Keys were reloaded meanwhile (a revocation, perhaps): trust the reload.
+            fresh = self._by_hash.get(key_hash)
+            return fresh, "success" if fresh is not None else "revoked"
         principal = Principal.from_record(record)
         self._by_hash[key_hash] = principal
         if self.spend is not None:

@@ -134,6 +134,15 @@ class UpstreamTimeout(UpstreamError):
     kind = "upstream_timeout"
 
 
+class ClientClosedRequest(GatewayError):
+    """The client went away before its request was read (nginx's 499)."""
+
+    status_code = 499
+    error_type = "invalid_request_error"
+    code = "client_closed_request"
+    kind = "cancelled"
+
+
 class ServiceUnavailable(GatewayError):
     status_code = 503
     error_type = "server_error"

@@ -55,7 +55,7 @@ from daemon.tracing import (
     instrument_rate_limiting,
     output_messages,
 )
-from daemon.usage import Usage
+from daemon.usage import TokenCounts, Usage
 
 log = logging.getLogger("chatvault.gateway")
 
@@ -78,6 +78,15 @@ class Lifecycle:
     def begin_drain(self) -> None:
         if self.state in ("starting", "ready"):
             self.state = "draining"
+
+
+def estimate_tokens(info: StreamInfo) -> TokenCounts:
+    """A stream that ended before its usage chunk (client gone, upstream failed) was
+    still generated, and billed, upstream: count about a token per content chunk and
+    four characters per prompt token rather than record nothing."""
+    if not info.content_chunks:
+        return TokenCounts()
+    return TokenCounts(input=info.prompt_chars // 4, output=info.content_chunks)
 
 
 def _retryable(exc: GatewayError) -> bool:
@@ -161,7 +170,12 @@ class Gateway:
             self._stack.push_async_callback(self.http.close)
             deployments = self._deployments(self.http)
             self.health = HealthMonitor(
-                s, store=self.store, deployments=deployments, clock=self.clock, tracing=self.tracing
+                s,
+                store=self.store,
+                deployments=deployments,
+                clock=self.clock,
+                tracing=self.tracing,
+                metrics=self.metrics,
             )
             self.health.on_round = self._health_round_done
             self.router = Router(deployments, self.health.is_up)
@@ -382,6 +396,12 @@ class Gateway:
                     )
                     continue
                 raise
+            except BaseException as exc:  # a bug, or cancellation: still end the span
+                usage.upstream_latency_s = time.perf_counter() - started
+                if span is not None:
+                    kind = "cancelled" if isinstance(exc, asyncio.CancelledError) else "internal"
+                    end_chat_completion(span, usage, error=kind)
+                raise
             usage.upstream_latency_s = time.perf_counter() - started
             self.health.report_success(deployment)
             usage.upstream_span = span  # ended by finish(), with the outcome
@@ -457,7 +477,7 @@ class Gateway:
                 if close is not None:
                     await close()
             usage.upstream_latency_s = time.perf_counter() - upstream_started
-            usage.tokens = info.tokens
+            usage.tokens = info.tokens if info.saw_usage else estimate_tokens(info)
             usage.response_model = info.response_model
             usage.response_id = info.response_id
             usage.finish_reasons = tuple(info.finish_reasons)
@@ -499,5 +519,6 @@ class Gateway:
                     usage.upstream_span, usage, error=usage.error_type, output=output
                 )
                 usage.upstream_span = None
+                usage.output_text = None  # the row waits in the ledger queue: drop the text
         except Exception:  # telemetry must never fail the request it describes
             log.exception("recording telemetry failed (request_id=%s)", usage.request_id)

@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 from opentelemetry.trace import Status, StatusCode
@@ -29,6 +29,9 @@ from daemon import __version__
 from daemon.config import ConfigError, Settings, load_config
 from daemon.ledger.base import Store, StoreCheck
 from daemon.router import Deployment
+
+if TYPE_CHECKING:
+    from daemon.metrics import MetricsCollector
 from daemon.tracing import Tracing, instrument_external_api_call
 
 log = logging.getLogger("chatvault.health")
@@ -106,8 +109,12 @@ class HealthMonitor:
         deployments: list[Deployment],
         clock: Callable[[], float] = time.time,
         tracing: Tracing | None = None,
+        metrics: MetricsCollector | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
+        self.metrics_series: int | None = None
+        self.metrics_error: str | None = None
         self.tracing = tracing  # probes are traced as external API calls
         self.store = store
         self.clock = clock
@@ -183,6 +190,14 @@ class HealthMonitor:
             )
             self._check_config_file()
             self.cpu_percent = self._process.cpu_percent(None)
+            if self.metrics is not None:
+                # Collecting every series (and, with workers, reading their files) is
+                # done here, off the loop, never per /health call.
+                try:
+                    self.metrics_series = await asyncio.to_thread(self.metrics.series_count)
+                    self.metrics_error = None
+                except Exception as exc:
+                    self.metrics_error = f"{type(exc).__name__}: {exc}"
             if self.on_round is not None:
                 self.on_round()
 
@@ -361,13 +376,13 @@ class HealthMonitor:
     def _metrics(self, gateway: Any) -> Component:
         if gateway.metrics is None:
             return Component(HEALTHY, "disabled by configuration", {"enabled": False})
-        try:
-            series = gateway.metrics.series_count()
-        except Exception as exc:
-            return Component(
-                DEGRADED, "the registry cannot be collected", {"enabled": True, "error": str(exc)}
-            )
+        if self.metrics_error is not None:
+            details = {"enabled": True, "error": self.metrics_error}
+            return Component(DEGRADED, "the registry cannot be collected", details)
+        series = self.metrics_series
         details = {"enabled": True, "series": series, "multiprocess": gateway.metrics.multiprocess}
+        if series is None:
+            return Component(HEALTHY, "first check pending", details)
         return Component(HEALTHY, f"{series} series", details)
 
     def _tracing(self, gateway: Any) -> Component:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from daemon.errors import InvalidRequest, RequestTooLarge
+from daemon.errors import ClientClosedRequest, InvalidRequest, RequestTooLarge
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -21,11 +21,14 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientClosedRequest("The client closed the connection mid-request.") from None
     return b"".join(chunks)
 
 
@@ -47,10 +50,18 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
+MAX_MODEL_NAME = 256
+
+
 def _require_model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise InvalidRequest("You must provide a model parameter.", param="model")
+    # The name is stored in the ledger and shown in terminals: keep it printable.
+    if len(model) > MAX_MODEL_NAME or not model.isprintable():
+        raise InvalidRequest(
+            f"Invalid 'model': at most {MAX_MODEL_NAME} printable characters.", param="model"
+        )
     return model
 
 
@@ -150,7 +161,7 @@ def parse_chat(body: dict[str, Any]) -> ChatParams:
 
 
 _EMBEDDING_PARAMS: dict[str, tuple[tuple[type, ...], str, float | None, float | None]] = {
-    "dimensions": ((int,), "an integer", 1, None),
+    "dimensions": ((int,), "an integer", 1, 16384),
     "encoding_format": ((str,), "a string", None, None),
     "user": ((str,), "a string", None, None),
 }

@@ -43,7 +43,12 @@ class TokenCounts:
 
 
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and value > 0 else 0
+    # Bounded: a bogus count from an upstream must not overflow a database column.
+    return (
+        min(value, 10**12)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0
+        else 0
+    )
 
 
 @dataclass(slots=True)

@@ -112,6 +112,8 @@ def test_401_without_a_valid_key(
         (b"", None),
         (orjson.dumps({"messages": [{"role": "user", "content": "x"}]}), "model"),
         (orjson.dumps({"model": "mock", "messages": []}), "messages"),
+        (orjson.dumps({**chat_body(), "model": "mo\u0000ck"}), "model"),
+        (orjson.dumps({**chat_body(), "model": "m" * 300}), "model"),
         (orjson.dumps({"model": "mock", "messages": ["hi"]}), "messages[0]"),
         (orjson.dumps(chat_body(temperature="hot")), "temperature"),
         (orjson.dumps(chat_body(temperature=5)), "temperature"),
@@ -369,3 +371,19 @@ def test_unexpected_error_is_a_generic_500_without_internals(
     assert error["type"] == "server_error"
     rows = wait_for(lambda: ledger_rows(ledger(tmp_path)))  # still on record
     assert rows[0]["status_code"] == 500 and rows[0]["error_type"] == "internal"
+
+
+def test_upstream_error_text_is_redacted_before_a_client_sees_it() -> None:
+    from daemon.providers.openai_compat import upstream_status_error
+
+    body = orjson.dumps(
+        {
+            "error": {
+                "message": "bad call to https://up.example/v1?key=AIzaSecret123 with api_key=sk-abcdefghijklmnopqrst"
+            }
+        }
+    )
+    error = upstream_status_error(400, body, "gemini")
+    assert error.status_code == 400
+    assert "AIzaSecret123" not in error.message and "sk-abcdefghijklmnopqrst" not in error.message
+    assert "up.example" not in error.message and "bad call" in error.message

@@ -140,6 +140,9 @@ def test_health_unreachable_or_not_chatvault_exits_3() -> None:
         == "unreachable"
     )
 
+    bad = cli("health", "--url", "http://localhost:99999", env=ENV)
+    assert bad.returncode == 3 and "not a usable" in bad.stderr and "Traceback" not in bad.stderr
+
     async def other(request: Any) -> JSONResponse:
         return JSONResponse({"ok": True})
 

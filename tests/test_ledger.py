@@ -249,3 +249,29 @@ def test_usage_command_formats(tmp_path: Path) -> None:
     assert "total" in table.stdout and "\x1b[" not in table.stdout
     bad = cli("usage", "--since", "yesterday-ish", "--config", str(config_path))
     assert bad.returncode == 2 and "--since" in bad.stderr
+
+
+def test_a_row_the_database_refuses_is_dropped_alone(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with opened(f"sqlite:///{tmp_path / 'l.db'}") as store:
+            writer = LedgerWriter(store, batch_size=10, flush_interval_s=10.0)
+            await writer.start()
+            bad = usage()
+            bad.tokens = TokenCounts(input=2**70)  # SQLite integers stop at 2**63
+            for row in (usage(), bad, usage()):
+                writer.submit(row)
+            await writer.close()
+            assert writer.rows_written == 2 and writer.rows_dropped == 1 and writer.depth == 0
+            writer.submit(usage())  # after close: counted, not silently lost
+            assert writer.rows_dropped == 2
+
+    asyncio.run(scenario())
+
+
+def test_offline_commands_report_an_unusable_ledger_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "data" / "ledger.db").mkdir(parents=True)  # a directory where the file should be
+    config_path = write_config(tmp_path, base_config())
+    for args in (("keys", "list"), ("usage",), ("keys", "create", "--name", "x")):
+        result = cli(*args, "--config", str(config_path))
+        assert result.returncode == 1, (args, result.stderr)
+        assert "is a directory" in result.stderr and "Traceback" not in result.stderr

@@ -105,3 +105,25 @@ def test_anthropic_stream_becomes_openai_chunks_with_usage(setup) -> None:  # ty
     assert state.posts()[-1].body["stream"] is True
     rows = wait_for(lambda: ledger_rows(daemon.ledger_path, "stream = 1"))
     assert (rows[0]["input_tokens"], rows[0]["output_tokens"]) == (17, 6)
+
+
+def test_clients_cannot_redirect_the_upstream_call(setup) -> None:  # type: ignore[no-untyped-def]
+    daemon, state = setup
+    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    before = len(state.posts())
+    completion = client.chat.completions.create(
+        model="claude",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=10,
+        extra_body={
+            "api_base": "http://127.0.0.1:9",
+            "base_url": "http://127.0.0.1:9",
+            "api_key": "x",
+            "mock_response": "pwned",
+            "extra_headers": {"x-evil": "1"},
+        },
+    )
+    assert completion.choices[0].message.content == "Bonjour from Claude"
+    assert len(state.posts()) == before + 1
+    sent = state.posts()[-1]
+    assert sent.headers["x-api-key"] == "sk-ant-test" and "x-evil" not in sent.headers

@@ -191,6 +191,33 @@ def test_traces_panel_failing_and_disabled() -> None:
     assert "disabled" in buffer.getvalue()
 
 
+def test_names_from_clients_are_shown_verbatim_not_as_markup() -> None:
+    c, buffer = console()
+    row = {
+        "model": "[/]",
+        "requests": 1,
+        "errors": 0,
+        "input_tokens": 1,
+        "output_tokens": 1,
+        "cost_usd": 0.0,
+    }
+    render.usage_table(c, "model", [row], "[bold]24h")
+    render.keys_table(
+        c,
+        [
+            {
+                "id": "key_1",
+                "name": "[red]x[/]",
+                "prefix": "cv-ab…",
+                "user_type": "standard",
+                "models": None,
+            }
+        ],
+    )
+    text = buffer.getvalue()
+    assert "[/]" in text and "[bold]24h" in text and "[red]x[/]" in text
+
+
 def test_smoke_results() -> None:
     c, buffer = console()
     render.smoke_results(

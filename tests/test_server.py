@@ -231,6 +231,39 @@ def test_sigterm_past_the_drain_timeout_cuts_the_stream_but_keeps_its_row(tmp_pa
         assert rows[0]["status_code"] == 499 and rows[0]["error_type"] == "cancelled"
 
 
+def test_a_client_leaving_mid_stream_is_recorded_with_estimated_tokens(tmp_path: Path) -> None:
+    config = base_config(
+        models=[
+            {
+                "name": "slow",
+                "provider": "mock",
+                "pricing": {"input_per_million": 1.0, "output_per_million": 1.0},
+                "mock": {"chunk_delay_s": 0.1, "reply": " ".join(["w"] * 30)},
+            }
+        ]
+    )
+    with running(tmp_path, config) as daemon:
+        body = {
+            "model": "slow",
+            "messages": [{"role": "user", "content": "please write thirty words for me right now"}],
+            "stream": True,
+        }
+        with httpx.stream(
+            "POST",
+            daemon.url + "/v1/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {ADMIN_KEY}"},
+            timeout=30,
+        ) as response:
+            lines = response.iter_lines()
+            events = [line for line in (next(lines) for _ in range(12)) if line.startswith("data:")]
+        assert len(events) >= 4  # then the client hangs up
+        row = wait_for(lambda: ledger_rows(daemon.ledger_path), timeout=15)[0]
+        assert row["status_code"] == 499 and row["error_type"] == "cancelled"
+        # No usage chunk ever came: the tokens are estimated, not zero.
+        assert 3 <= row["output_tokens"] < 30 and row["input_tokens"] > 0 and row["cost_usd"] > 0
+
+
 def test_openai_compatible_upstream_is_passed_through(tmp_path: Path) -> None:
     state = Upstream(reply_words=("alpha", "beta", "gamma"), usage=(21, 4))
     with ServerThread(openai_upstream(state)) as upstream:

@@ -192,6 +192,10 @@ class Store(Protocol):
 
     async def check(self) -> StoreCheck: ...
 
+    def is_permanent(self, error: BaseException) -> bool:
+        """Did the database refuse the data itself (retrying cannot help)?"""
+        ...
+
 
 class DuplicateKeyName(Exception):
     """An active key already has this name."""

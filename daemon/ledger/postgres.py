@@ -208,6 +208,9 @@ class PostgresStore:
         )
         return {r["id"]: float(r["spend_usd"]) for r in rows}
 
+    def is_permanent(self, error: BaseException) -> bool:
+        return _permanent(error)
+
     async def check(self) -> StoreCheck:
         started = time.perf_counter()
         try:
@@ -235,6 +238,17 @@ class PostgresStore:
             size_bytes=int(size),
             error=error,
         )
+
+
+def _permanent(error: BaseException) -> bool:
+    return isinstance(
+        error,
+        asyncpg.DataError
+        | asyncpg.IntegrityConstraintViolationError
+        | OverflowError
+        | ValueError
+        | TypeError,
+    )
 
 
 async def _bump_generation(conn: asyncpg.Connection) -> None:

@@ -326,6 +326,12 @@ class SQLiteStore:
         except (sqlite3.Error, OSError) as exc:
             return StoreCheck(ok=False, writable=False, latency_s=0.0, error=str(exc))
 
+    def is_permanent(self, error: BaseException) -> bool:
+        return isinstance(
+            error,
+            sqlite3.IntegrityError | sqlite3.DataError | OverflowError | ValueError | TypeError,
+        )
+
 
 class _transaction:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on error (the connection is in autocommit)."""

@@ -63,6 +63,7 @@ class LedgerWriter:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._closed = False
         self.rows_written = 0
         self.write_failures = 0
         self.rows_dropped = 0
@@ -82,6 +83,11 @@ class LedgerWriter:
         return self.last_success is None or self.last_failure > self.last_success
 
     def submit(self, usage: Usage) -> None:
+        if self._closed:
+            # Too late to be written: say so rather than lose it silently.
+            self.rows_dropped += 1
+            log.error("ledger row after shutdown, dropped (request_id=%s)", usage.request_id)
+            return
         if len(self._queue) >= self.max_queue:
             self._queue.popleft()
             self.rows_dropped += 1
@@ -114,6 +120,7 @@ class LedgerWriter:
                 backoff = min(backoff * 2, 1.0)
         if self._queue:
             log.error("ledger: %d rows could not be written before exit", len(self._queue))
+        self._closed = True
 
     async def _run(self) -> None:
         backoff = 0.0
@@ -129,20 +136,42 @@ class LedgerWriter:
     async def _write_one_batch(self) -> bool:
         n = min(self.batch_size, len(self._queue))
         batch = [self._queue.popleft() for _ in range(n)]
+        return await self._write(batch)
+
+    async def _write(self, batch: list[Usage]) -> bool:
+        """Write ``batch``; on failure keep it queued (False), unless the data itself is
+        refused: then the rows go one by one and only the refused ones are dropped, so
+        one bad row cannot stall the ledger."""
         started = time.perf_counter()
         try:
-            with self.instrument(n) if self.instrument else contextlib.nullcontext():
+            with self.instrument(len(batch)) if self.instrument else contextlib.nullcontext():
                 totals = await self.store.write_requests(batch)
-        except Exception as exc:  # any store failure: keep the rows, retry later
-            self._queue.extendleft(reversed(batch))
+        except Exception as exc:
             self.write_failures += 1
             self.last_failure = time.time()
             self.last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("ledger write failed (%d rows kept for retry): %s", n, self.last_error)
             for observer in self.observers:
                 observer.batch_failed(batch, time.perf_counter() - started, exc)
-            return False
-        self.rows_written += n
+            if not self.store.is_permanent(exc):
+                self._queue.extendleft(reversed(batch))
+                log.warning(
+                    "ledger write failed (%d rows kept for retry): %s", len(batch), self.last_error
+                )
+                return False
+            if len(batch) == 1:
+                self.rows_dropped += 1
+                log.error(
+                    "ledger refused a row, dropped (request_id=%s): %s",
+                    batch[0].request_id,
+                    self.last_error,
+                )
+                return True
+            for i, row in enumerate(batch):
+                if not await self._write([row]):
+                    self._queue.extendleft(reversed(batch[i + 1 :]))
+                    return False
+            return True
+        self.rows_written += len(batch)
         self.last_success = time.time()
         elapsed = time.perf_counter() - started
         for observer in self.observers:
@@ -170,7 +199,10 @@ class SpendBook:
             self._pending[key_id] = self._pending.get(key_id, 0.0) + cost
 
     def set_committed(self, totals: dict[str, float]) -> None:
-        self._committed.update(totals)
+        # Spend only grows: an older snapshot must not undo a newer total.
+        for key_id, total in totals.items():
+            if total > self._committed.get(key_id, 0.0):
+                self._committed[key_id] = total
 
     def batch_written(
         self, rows: Sequence[Usage], seconds: float, totals: dict[str, float]
@@ -181,7 +213,7 @@ class SpendBook:
                 self._pending[key_id] = left
             else:
                 self._pending.pop(key_id, None)
-        self._committed.update(totals)
+        self.set_committed(totals)
 
     def batch_failed(self, rows: Sequence[Usage], seconds: float, error: BaseException) -> None:
         return None

@@ -77,6 +77,8 @@ class StreamInfo:
     error: dict[str, Any] | None = None
     events: int = 0
     capture: bool = False  # keep the streamed text (monitoring.tracing.capture_content)
+    content_chunks: int = 0  # for an estimate when a stream ends before its usage chunk
+    prompt_chars: int = 0
     text: list[str] = field(default_factory=list)
 
 

@@ -45,6 +45,42 @@ async def load_litellm() -> ModuleType:
     return await asyncio.to_thread(_import_litellm)
 
 
+OPENAI_PARAMETERS = frozenset(
+    {
+        # chat completions
+        "messages",
+        "temperature",
+        "top_p",
+        "n",
+        "stream",
+        "stream_options",
+        "stop",
+        "max_tokens",
+        "max_completion_tokens",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "seed",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "reasoning_effort",
+        "modalities",
+        "audio",
+        "prediction",
+        "service_tier",
+        "web_search_options",
+        # embeddings
+        "input",
+        "dimensions",
+        "encoding_format",
+    }
+)
+
+
 def litellm_error(exc: Exception, provider: str) -> GatewayError:
     name = type(exc).__name__
     if name in ("Timeout", "APITimeoutError"):
@@ -83,7 +119,10 @@ class LiteLLMProvider:
         await load_litellm()
 
     def _kwargs(self, call: UpstreamCall) -> dict[str, Any]:
-        body = {k: v for k, v in call.body.items() if k not in ("model", "user")}
+        # Only OpenAI's request parameters pass: litellm also takes connection settings
+        # (api_base, base_url, api_key, extra_headers, mock_response, ...) as keyword
+        # arguments, and a client must never choose where the gateway's key is sent.
+        body = {k: v for k, v in call.body.items() if k in OPENAI_PARAMETERS}
         body["model"] = self.model
         if self.api_base:
             body["api_base"] = self.api_base

@@ -11,6 +11,7 @@ as it arrives.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -62,6 +63,25 @@ def upstream_status_error(status: int, body: bytes, provider: str) -> GatewayErr
 
 
 def _error_message(body: bytes) -> str:
+    return redact(_raw_error_message(body))
+
+
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+_SECRET = re.compile(
+    r"(?i)\b(api[_-]?key|key|token|secret|password|authorization)\b(\s*[=:]\s*)(bearer\s+)?\S+"
+)
+_KEYLIKE = re.compile(r"\b(sk|cv|pk|rk|key)-[A-Za-z0-9_\-]{12,}")
+
+
+def redact(message: str) -> str:
+    """An upstream's message, safe to show a client: upstream messages sometimes echo
+    request URLs (with keys in the query string) or parts of credentials."""
+    message = _URL.sub("[url]", message)
+    message = _SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}[redacted]", message)
+    return _KEYLIKE.sub("[redacted]", message)[:_MAX_MESSAGE]
+
+
+def _raw_error_message(body: bytes) -> str:
     try:
         parsed: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -69,11 +89,11 @@ def _error_message(body: bytes) -> str:
     if isinstance(parsed, dict):
         error = parsed.get("error")
         if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])[:_MAX_MESSAGE]
+            return str(error["message"])[: _MAX_MESSAGE * 2]
         if isinstance(error, str):
-            return error[:_MAX_MESSAGE]
+            return error[: _MAX_MESSAGE * 2]
         if parsed.get("message"):
-            return str(parsed["message"])[:_MAX_MESSAGE]
+            return str(parsed["message"])[: _MAX_MESSAGE * 2]
     return "no details"
 
 

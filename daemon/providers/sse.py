@@ -69,7 +69,8 @@ def observe(event: bytes, info: StreamInfo, client_wants_usage: bool) -> bytes |
     if data is None or data == b"[DONE]":
         return event
     if info.response_id and not info.capture and _plain_delta(data):
-        return event  # nothing to learn from it: skip the JSON parse
+        info.content_chunks += 1
+        return event  # nothing more to learn from it: skip the JSON parse
     try:
         chunk: Any = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -91,9 +92,10 @@ def observe(event: bytes, info: StreamInfo, client_wants_usage: bool) -> bytes |
             if isinstance(choice, dict):
                 if choice.get("finish_reason"):
                     info.finish_reasons.append(str(choice["finish_reason"]))
-                if info.capture:
-                    delta = choice.get("delta")
-                    if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                delta = choice.get("delta")
+                if isinstance(delta, dict) and delta.get("content"):
+                    info.content_chunks += 1
+                    if info.capture and isinstance(delta["content"], str):
                         info.text.append(delta["content"])
     usage = chunk.get("usage")
     if usage:
