@@ -306,7 +306,7 @@ def measure_variants(
     errors = 0
     for _ in range(sizes["rounds"]):
         for name, gw in gateways.items():
-            used, e = cpu_per_request(gw, requests[name], sizes["cpu"] // sizes["rounds"])
+            used, e = cpu_per_request(gw, requests[name], sizes["cpu"])
             cpu[name].append(used)
             c1 = run_load(gw.port, requests[name], 1, count=sizes["c1"] // sizes["rounds"])
             p50[name].append(ms(load.percentile(c1.latencies, 50)))

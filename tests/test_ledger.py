@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -20,7 +22,7 @@ from daemon.ledger.base import DuplicateKeyName, Store, day_start
 from daemon.ledger.sqlite import SQLiteStore
 from daemon.ledger.writer import LedgerWriter, SpendBook
 from daemon.usage import TokenCounts, Usage
-from tests.helpers import base_config, cli, write_config
+from tests.helpers import ADMIN_KEY, base_config, cli, wait_for, write_config
 
 POSTGRES = os.environ.get("CHATVAULT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -232,7 +234,6 @@ def test_usage_command_formats(tmp_path: Path) -> None:
         "usage", "--since", "24h", "--by", "model", "--format", "json", "--config", str(config_path)
     )
     assert as_json.returncode == 0, as_json.stderr
-    import json
 
     rows = {r["model"]: r for r in json.loads(as_json.stdout)}
     assert set(rows) == {"mock", "big"}
@@ -275,3 +276,39 @@ def test_offline_commands_report_an_unusable_ledger_in_one_line(tmp_path: Path) 
         result = cli(*args, "--config", str(config_path))
         assert result.returncode == 1, (args, result.stderr)
         assert "is a directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_gateway_records_into_postgresql(make_client: Any) -> None:
+    with postgres_schema() as trusted:
+        url = trusted.replace("//postgres@", "//postgres:s3cret@")  # trust auth ignores it
+        client = make_client(base_config(ledger={"url": url, "flush_interval_s": 0.05}))
+        r = client.post(
+            "/v1/chat/completions",
+            json={"model": "mock", "messages": [{"role": "user", "content": "to postgres"}]},
+            headers={"authorization": f"Bearer {ADMIN_KEY}"},
+        )
+        assert r.status_code == 200
+        usage_reported = r.json()["usage"]
+
+        async def rows() -> list[Any]:
+            conn = await asyncpg.connect(url)
+            try:
+                return list(
+                    await conn.fetch(
+                        "SELECT request_id, input_tokens, output_tokens, cost_usd FROM requests"
+                    )
+                )
+            finally:
+                await conn.close()
+
+        found = wait_for(lambda: asyncio.run(rows()))
+        assert found[0]["request_id"] == r.headers["x-request-id"]
+        assert (found[0]["input_tokens"], found[0]["output_tokens"]) == (
+            usage_reported["prompt_tokens"],
+            usage_reported["completion_tokens"],
+        )
+        health = client.get(
+            "/health?refresh=true", headers={"authorization": f"Bearer {ADMIN_KEY}"}
+        ).json()
+        assert health["components"]["database"]["backend"] == "postgresql"
+        assert "s3cret" not in json.dumps(health)
