@@ -187,18 +187,24 @@ def test_ledger_batches_are_traced_as_database_operations(traced: Any) -> None:
     assert batch.attributes["db.operation.batch.size"] >= 1
 
 
+def remote_config(receiver: OTLPReceiver, upstream_url: str) -> dict[str, Any]:
+    """Traced, with one OpenAI-compatible model served by the fake upstream."""
+    config = traced_config(receiver)
+    config["models"] = [
+        {
+            "name": "remote",
+            "provider": "openai",
+            "model": "up-model",
+            "api_base": upstream_url + "/v1",
+        }
+    ]
+    return config
+
+
 def test_health_probes_are_traced_as_external_calls(tmp_path: Path) -> None:
     state = Upstream()
     with OTLPReceiver() as receiver, ServerThread(openai_upstream(state)) as upstream:
-        config = traced_config(receiver)
-        config["models"] = [
-            {
-                "name": "remote",
-                "provider": "openai",
-                "model": "up-model",
-                "api_base": upstream.url + "/v1",
-            }
-        ]
+        config = remote_config(receiver, upstream.url)
         with running(tmp_path, config, env=FAST_EXPORT):
             probe = receiver.wait_for(lambda s: s.name == "GET health probe")[0]
             assert probe.kind == CLIENT
@@ -210,15 +216,7 @@ def test_health_probes_are_traced_as_external_calls(tmp_path: Path) -> None:
 def test_traceparent_sent_upstream_names_the_client_span(tmp_path: Path) -> None:
     state = Upstream()
     with OTLPReceiver() as receiver, ServerThread(openai_upstream(state)) as upstream:
-        config = traced_config(receiver)
-        config["models"] = [
-            {
-                "name": "remote",
-                "provider": "openai",
-                "model": "up-model",
-                "api_base": upstream.url + "/v1",
-            }
-        ]
+        config = remote_config(receiver, upstream.url)
         with running(tmp_path, config, env=FAST_EXPORT) as daemon:
             header, trace_id, _ = traceparent()
             client = openai.OpenAI(
