@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -175,10 +174,6 @@ def config_ok(
     console.print(table)
     for message in warnings:
         warning(console, message)
-
-
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()
 
 
 # -- health --------------------------------------------------------------------------

@@ -129,17 +129,10 @@ async def livez(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     gw = _gateway(request)
-    lifecycle = gw.lifecycle
-    if lifecycle.state == "ready" and lifecycle.pending_warmups:
-        state = "starting"
-    elif lifecycle.state == "ready" and not gw.health.database_ok:
-        state = "database_unreachable"
-    else:
-        state = lifecycle.state
-    ready = state == "ready"
+    state = gw.lifecycle.readiness(gw.health.database_ok)
     return Response(
-        orjson.dumps({"status": "ready" if ready else state}),
-        status_code=200 if ready else 503,
+        orjson.dumps({"status": state}),
+        status_code=200 if state == "ready" else 503,
         media_type=JSON,
     )
 

@@ -26,8 +26,6 @@ from pydantic import (
     model_validator,
 )
 
-# Providers served without litellm. Everything else is a litellm provider name.
-NATIVE_PROVIDERS = frozenset({"mock", "openai", "ollama"})
 USER_TYPES = ("standard", "service", "admin")
 
 

@@ -71,9 +71,13 @@ class Lifecycle:
         self.started_at = time.time()
         self.pending_warmups = 0
 
-    @property
-    def ready(self) -> bool:
-        return self.state == "ready" and self.pending_warmups == 0
+    def readiness(self, database_ok: bool) -> str:
+        """What /readyz says: "ready", or why not."""
+        if self.state != "ready":
+            return self.state
+        if self.pending_warmups:
+            return "starting"
+        return "ready" if database_ok else "database_unreachable"
 
     def begin_drain(self) -> None:
         if self.state in ("starting", "ready"):

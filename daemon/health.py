@@ -38,15 +38,6 @@ log = logging.getLogger("chatvault.health")
 
 HEALTHY, DEGRADED, UNHEALTHY = "healthy", "degraded", "unhealthy"
 RANK = {HEALTHY: 0, DEGRADED: 1, UNHEALTHY: 2}
-COMPONENTS = (
-    "database",
-    "configuration",
-    "authentication",
-    "metrics",
-    "tracing",
-    "external_apis",
-    "models",
-)
 # Components whose trouble cannot make the whole instance unhealthy.
 CAPPED = frozenset({"metrics", "tracing", "external_apis"})
 
@@ -61,7 +52,7 @@ def overall(statuses: dict[str, str]) -> str:
     return worst
 
 
-def upstream_key(d: Deployment) -> str | None:
+def upstream_name(d: Deployment) -> str | None:
     """Deployments sharing a server share one probe; in-process models have none."""
     p = d.provider
     if p.server_address is None:
@@ -126,7 +117,7 @@ class HealthMonitor:
         self.deployment_state = {d.index: DeploymentState() for d in deployments}
         self.upstreams: dict[str, UpstreamState] = {}
         for d in deployments:
-            key = upstream_key(d)
+            key = upstream_name(d)
             if key is None:
                 continue
             state = self.upstreams.get(key)
@@ -164,7 +155,7 @@ class HealthMonitor:
         """Why this deployment cannot serve now, or None."""
         if d.problem:
             return d.problem
-        key = upstream_key(d)
+        key = upstream_name(d)
         if key is not None:
             upstream = self.upstreams[key]
             if upstream.reachable is False:

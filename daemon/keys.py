@@ -9,7 +9,6 @@ are ever stored; the key itself is printed once, at creation.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 from dataclasses import dataclass, field
 
@@ -34,10 +33,6 @@ def hash_key(key: str) -> str:
 def display_prefix(key: str) -> str:
     """Enough of a key to recognise it in a list, far too little to use it."""
     return key[: len(KEY_PREFIX) + 4] + "…"
-
-
-def same_key(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from daemon import __version__
 from daemon.context import StatusRecorder, route_template
+from daemon.health import RANK, overall
 from daemon.ledger.base import DayStats
 from daemon.trace_export import ExportStatus
 from daemon.usage import TokenCounts, Usage
@@ -428,8 +429,6 @@ class MetricsCollector:
         self.trace_last_success.set(status.last_success or 0)
 
     def sample_health(self, components: dict[str, str], upstreams: dict[str, bool | None]) -> None:
-        from daemon.health import RANK, overall
-
         for name, status in components.items():
             self.component_status.labels(name).set(RANK[status])
         self.component_status.labels("overall").set(RANK[overall(components)])

@@ -353,11 +353,12 @@ def instrument_authentication(
     span = trace.get_current_span()
     if not span.is_recording():
         return
-    span.set_attribute("chatvault.auth.result", result)
+    attrs = {"chatvault.auth.result": result}
     if principal_key_id is not None:
-        span.set_attribute("chatvault.key_id", principal_key_id)
+        attrs["chatvault.key_id"] = principal_key_id
     if user_type is not None:
-        span.set_attribute("chatvault.user_type", user_type)
+        attrs["chatvault.user_type"] = user_type
+    span.set_attributes(attrs)  # one call: each takes the span's lock
 
 
 def instrument_rate_limiting(

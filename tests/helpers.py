@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import uvicorn
 import yaml
 
@@ -170,6 +171,15 @@ class Daemon:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         self._log.close()
+
+
+def client_for(
+    url: str, key: str = ADMIN_KEY, headers: dict[str, str] | None = None
+) -> openai.OpenAI:
+    """The official client against a daemon, without retries (a test sees every error)."""
+    return openai.OpenAI(
+        base_url=url + "/v1", api_key=key, max_retries=0, timeout=30, default_headers=headers
+    )
 
 
 def ledger_rows(

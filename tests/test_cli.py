@@ -26,6 +26,7 @@ from tests.helpers import (
     ServerThread,
     base_config,
     cli,
+    client_for,
     free_port,
     ledger_rows,
     running,
@@ -213,7 +214,7 @@ def test_metrics_top_once_json_totals_equal_the_ledger(tmp_path: Path) -> None:
         ]
     )
     with running(tmp_path, config) as daemon:
-        client = openai.OpenAI(base_url=daemon.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+        client = client_for(daemon.url)
         for i in range(6):
             client.chat.completions.create(
                 model="mock" if i % 3 else "mock-b",
@@ -314,7 +315,7 @@ def test_metrics_top_rates_follow_traffic_between_scrapes(healthy: Daemon) -> No
         text=True,
     )
     time.sleep(0.8)  # the first scrape has happened by now
-    client = openai.OpenAI(base_url=healthy.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    client = client_for(healthy.url)
     for _ in range(10):
         client.chat.completions.create(
             model="mock", messages=[{"role": "user", "content": "rate me"}]
@@ -427,7 +428,7 @@ def test_promtext_agrees_with_prometheus_clients_parser(healthy: Daemon) -> None
 
     from chatvault_cli.promtext import parse
 
-    client = openai.OpenAI(base_url=healthy.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    client = client_for(healthy.url)
     client.chat.completions.create(
         model="mock", messages=[{"role": "user", "content": 'quote " and \\ backslash'}]
     )

@@ -6,11 +6,17 @@ import importlib.util
 import json
 from pathlib import Path
 
-import openai
 import pytest
 
 from tests.fakes import Upstream, anthropic_upstream
-from tests.helpers import ADMIN_KEY, ServerThread, base_config, ledger_rows, running, wait_for
+from tests.helpers import (
+    ServerThread,
+    base_config,
+    client_for,
+    ledger_rows,
+    running,
+    wait_for,
+)
 
 
 def litellm_price(model: str) -> tuple[float, float]:
@@ -48,7 +54,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
 
 def test_openai_request_becomes_an_anthropic_messages_call_and_back(setup) -> None:  # type: ignore[no-untyped-def]
     daemon, state = setup
-    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    client = client_for(daemon.url)
     raw = client.chat.completions.with_raw_response.create(
         model="claude",
         messages=[
@@ -85,7 +91,7 @@ def test_openai_request_becomes_an_anthropic_messages_call_and_back(setup) -> No
 
 def test_anthropic_stream_becomes_openai_chunks_with_usage(setup) -> None:  # type: ignore[no-untyped-def]
     daemon, state = setup
-    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    client = client_for(daemon.url)
     stream = client.chat.completions.create(
         model="claude",
         messages=[{"role": "user", "content": "Say hello"}],
@@ -109,7 +115,7 @@ def test_anthropic_stream_becomes_openai_chunks_with_usage(setup) -> None:  # ty
 
 def test_clients_cannot_redirect_the_upstream_call(setup) -> None:  # type: ignore[no-untyped-def]
     daemon, state = setup
-    client = openai.OpenAI(base_url=daemon.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    client = client_for(daemon.url)
     before = len(state.posts())
     completion = client.chat.completions.create(
         model="claude",

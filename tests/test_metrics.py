@@ -23,6 +23,7 @@ from tests.helpers import (
     Daemon,
     base_config,
     cli,
+    client_for,
     free_port,
     ledger_rows,
     running,
@@ -92,8 +93,8 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> Any:
                 str(daemon.config_path),
             ).stdout
         )["key"]
-        admin = openai.OpenAI(base_url=daemon.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
-        user = openai.OpenAI(base_url=daemon.url + "/v1", api_key=key, max_retries=0)
+        admin = client_for(daemon.url)
+        user = client_for(daemon.url, key)
         for model in ("mock", "pricey", "mock"):
             admin.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": f"tell me about {model}"}]
@@ -109,9 +110,7 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> Any:
                     model="mock", messages=[{"role": "user", "content": "hi"}]
                 )
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(
-                base_url=daemon.url + "/v1", api_key="cv-bad", max_retries=0
-            ).models.list()
+            client_for(daemon.url, "cv-bad").models.list()
         for model in ("gpt-made-up-1", "gpt-made-up-2"):
             with pytest.raises(openai.NotFoundError):
                 admin.chat.completions.create(
@@ -309,7 +308,7 @@ def test_disabled_metrics_remove_the_endpoint_and_the_middleware(make_client: Ma
 
 
 def _run_traffic(url: str, n: int) -> None:
-    client = openai.OpenAI(base_url=url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+    client = client_for(url)
     errors: list[Exception] = []
 
     def worker() -> None:

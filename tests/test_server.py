@@ -20,6 +20,7 @@ from tests.helpers import (
     ServerThread,
     base_config,
     cli,
+    client_for,
     free_port,
     ledger_rows,
     running,
@@ -28,10 +29,6 @@ from tests.helpers import (
 )
 
 MOCK_PRICE = (0.15, 0.60)  # the test config's USD per million input / output tokens
-
-
-def client_for(daemon: Daemon, key: str = ADMIN_KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=daemon.url + "/v1", api_key=key, max_retries=0, timeout=30)
 
 
 def expected_cost(input_tokens: int, output_tokens: int) -> float:
@@ -46,7 +43,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def test_non_stream_completion_matches_its_ledger_row(daemon: Daemon) -> None:
-    client = client_for(daemon)
+    client = client_for(daemon.url)
     raw = client.chat.completions.with_raw_response.create(
         model="mock", messages=[{"role": "user", "content": "count these words please"}]
     )
@@ -69,7 +66,7 @@ def test_non_stream_completion_matches_its_ledger_row(daemon: Daemon) -> None:
 
 @pytest.mark.parametrize("include_usage", [True, False])
 def test_stream_completion_matches_its_ledger_row(daemon: Daemon, include_usage: bool) -> None:
-    client = client_for(daemon)
+    client = client_for(daemon.url)
     kwargs: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
     raw = client.chat.completions.with_raw_response.create(
         model="mock", messages=[{"role": "user", "content": "stream me"}], stream=True, **kwargs
@@ -105,7 +102,7 @@ def test_stream_completion_matches_its_ledger_row(daemon: Daemon, include_usage:
 
 
 def test_embeddings_and_models_with_the_openai_client(daemon: Daemon) -> None:
-    client = client_for(daemon)
+    client = client_for(daemon.url)
     result = client.embeddings.create(model="mock", input=["one two", "three"])
     assert [d.index for d in result.data] == [0, 1]
     assert result.usage.prompt_tokens == 3
@@ -114,20 +111,20 @@ def test_embeddings_and_models_with_the_openai_client(daemon: Daemon) -> None:
 
 def test_errors_surface_as_openai_client_exceptions(daemon: Daemon) -> None:
     with pytest.raises(openai.AuthenticationError):
-        client_for(daemon, "cv-wrong").chat.completions.create(
+        client_for(daemon.url, "cv-wrong").chat.completions.create(
             model="mock", messages=[{"role": "user", "content": "x"}]
         )
     with pytest.raises(openai.NotFoundError) as not_found:
-        client_for(daemon).chat.completions.create(
+        client_for(daemon.url).chat.completions.create(
             model="nope", messages=[{"role": "user", "content": "x"}]
         )
     assert not_found.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError):
-        client_for(daemon).chat.completions.create(
+        client_for(daemon.url).chat.completions.create(
             model="mock", messages=[{"role": "user", "content": "x"}], temperature=9
         )
     with pytest.raises(openai.InternalServerError) as upstream:
-        client_for(daemon).chat.completions.create(
+        client_for(daemon.url).chat.completions.create(
             model="mock", messages=[{"role": "user", "content": "mock:fail"}]
         )
     assert upstream.value.status_code == 502
@@ -148,7 +145,7 @@ def test_keys_created_and_revoked_by_the_cli_take_effect_without_restart(daemon:
     assert created.returncode == 0, created.stderr
     key = json.loads(created.stdout)
     assert key["key"].startswith("cv-") and key["id"] and key["name"] == "app-1"
-    client = client_for(daemon, key["key"])
+    client = client_for(daemon.url, key["key"])
     assert client.chat.completions.create(
         model="mock", messages=[{"role": "user", "content": "hi"}]
     ).choices
@@ -184,7 +181,7 @@ def test_sigterm_during_a_stream_lets_it_finish_and_writes_its_row(tmp_path: Pat
         ]
     )
     with running(tmp_path, config) as daemon:
-        client = client_for(daemon)
+        client = client_for(daemon.url)
         stream = client.chat.completions.create(
             model="slow", messages=[{"role": "user", "content": "go"}], stream=True
         )
@@ -280,7 +277,7 @@ def test_openai_compatible_upstream_is_passed_through(tmp_path: Path) -> None:
             ]
         )
         with running(tmp_path, config, env={"UPSTREAM_KEY": "sk-upstream-secret"}) as daemon:
-            client = client_for(daemon)
+            client = client_for(daemon.url)
             done = client.chat.completions.create(
                 model="remote", messages=[{"role": "user", "content": "hi"}]
             )
@@ -322,7 +319,7 @@ def test_unreachable_deployment_falls_back_to_the_next_one(tmp_path: Path) -> No
             ]
         )
         with running(tmp_path, config) as daemon:
-            client = client_for(daemon)
+            client = client_for(daemon.url)
             for _ in range(4):
                 assert client.chat.completions.create(
                     model="pool", messages=[{"role": "user", "content": "hi"}]
@@ -375,7 +372,7 @@ def test_generated_admin_key_is_written_owner_only(tmp_path: Path) -> None:
 def test_two_workers_serve_and_drain(tmp_path: Path) -> None:
     path = write_config(tmp_path, base_config(port=free_port()))
     with Daemon(path, args=("--workers", "2")) as daemon:
-        client = client_for(daemon)
+        client = client_for(daemon.url)
         results: list[bool] = []
 
         def call() -> None:

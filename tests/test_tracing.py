@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -22,7 +21,15 @@ from daemon.config import TracingConfig
 from daemon.tracing import resolve
 from tests.conftest import MakeClient
 from tests.fakes import Upstream, openai_upstream
-from tests.helpers import ADMIN_KEY, ServerThread, base_config, ledger_rows, running, wait_for
+from tests.helpers import (
+    ADMIN_KEY,
+    ServerThread,
+    base_config,
+    client_for,
+    ledger_rows,
+    running,
+    wait_for,
+)
 
 SERVER, CLIENT = 2, 3  # OTLP span kinds
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -62,12 +69,7 @@ def spans_of(receiver: OTLPReceiver, trace_id: str, count: int) -> list[Received
 def test_server_and_client_spans_continue_the_callers_trace(traced: Any) -> None:
     daemon, receiver = traced
     header, trace_id, parent_id = traceparent()
-    client = openai.OpenAI(
-        base_url=daemon.url + "/v1",
-        api_key=ADMIN_KEY,
-        max_retries=0,
-        default_headers={"traceparent": header, "x-user-id": "user-42"},
-    )
+    client = client_for(daemon.url, headers={"traceparent": header, "x-user-id": "user-42"})
     secret_prompt = "my very private prompt about zebras"
     raw = client.chat.completions.with_raw_response.create(
         model="mock",
@@ -126,12 +128,7 @@ def test_server_and_client_spans_continue_the_callers_trace(traced: Any) -> None
 def test_stream_span_ends_with_the_streamed_usage(traced: Any) -> None:
     daemon, receiver = traced
     header, trace_id, _ = traceparent()
-    client = openai.OpenAI(
-        base_url=daemon.url + "/v1",
-        api_key=ADMIN_KEY,
-        max_retries=0,
-        default_headers={"traceparent": header},
-    )
+    client = client_for(daemon.url, headers={"traceparent": header})
     usage = None
     for chunk in client.chat.completions.create(
         model="mock",
@@ -219,12 +216,7 @@ def test_traceparent_sent_upstream_names_the_client_span(tmp_path: Path) -> None
         config = remote_config(receiver, upstream.url)
         with running(tmp_path, config, env=FAST_EXPORT) as daemon:
             header, trace_id, _ = traceparent()
-            client = openai.OpenAI(
-                base_url=daemon.url + "/v1",
-                api_key=ADMIN_KEY,
-                max_retries=0,
-                default_headers={"traceparent": header},
-            )
+            client = client_for(daemon.url, headers={"traceparent": header})
             client.chat.completions.create(
                 model="remote", messages=[{"role": "user", "content": "hi"}]
             )
@@ -242,7 +234,7 @@ def test_traceparent_sent_upstream_names_the_client_span(tmp_path: Path) -> None
 def test_collector_down_requests_still_succeed_and_failures_are_counted(tmp_path: Path) -> None:
     receiver = OTLPReceiver().start()
     with running(tmp_path, traced_config(receiver), env=FAST_EXPORT) as daemon:
-        client = openai.OpenAI(base_url=daemon.url + "/v1", api_key=ADMIN_KEY, max_retries=0)
+        client = client_for(daemon.url)
         client.chat.completions.create(
             model="mock", messages=[{"role": "user", "content": "before"}]
         )
