@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from chatvault_cli.safety import is_loopback
+
 
 class Unreachable(Exception):
     """Nothing answered at the URL (refused, timed out, DNS, TLS)."""
@@ -25,6 +27,24 @@ class Unreachable(Exception):
 
 class NotChatVault(Exception):
     """Something answered, but not a ChatVault daemon."""
+
+
+class InsecureTransport(Exception):
+    """A key would go over plain HTTP to a host that is not this machine."""
+
+
+def exposes_keys(url: str) -> bool:
+    """Would a key sent to ``url`` cross the network unencrypted?"""
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    return parts.scheme == "http" and not is_loopback(parts.hostname or "")
+
+
+def insecure_message(url: str, what: str = "the admin key") -> str:
+    host = urlsplit(url if "://" in url else "http://" + url).netloc
+    return (
+        f"refusing to send {what} over plain HTTP to {host}, which is not this machine: "
+        "use an https:// URL, or pass --insecure if the network is trusted"
+    )
 
 
 @dataclass
@@ -41,7 +61,14 @@ class Response:
 
 
 class DaemonClient:
-    def __init__(self, url: str, *, admin_key: str | None = None, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        admin_key: str | None = None,
+        timeout: float = 5.0,
+        insecure: bool = False,
+    ) -> None:
         parts = urlsplit(url if "://" in url else "http://" + url)
         try:
             port = parts.port
@@ -56,6 +83,8 @@ class DaemonClient:
         self.base_path = parts.path.rstrip("/")
         self.admin_key = admin_key
         self.timeout = timeout
+        # Checked again on every request that carries a key, not only by the commands.
+        self.keys_may_travel = insecure or not exposes_keys(self.url)
 
     def _connection(self) -> http.client.HTTPConnection:
         if self.scheme == "https":
@@ -65,6 +94,8 @@ class DaemonClient:
     def _headers(self, key: str | None, extra: dict[str, str] | None) -> dict[str, str]:
         headers = {"user-agent": "chatvault-cli", **(extra or {})}
         if key:
+            if not self.keys_may_travel:
+                raise InsecureTransport(insecure_message(self.url, "a key"))
             headers["authorization"] = f"Bearer {key}"
         return headers
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chatvault_cli.safety import check_key, strip_key
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -71,13 +73,22 @@ def find_target(
     config_path: Path | None,
     environ: Mapping[str, str] | None = None,
 ) -> Target:
+    """Raises BadKey (naming where the key came from, never the key) for an unusable key."""
     environ = os.environ if environ is None else environ
     path = config_path or default_config_path(environ)
     url = url or environ.get("CHATVAULT_URL")
-    if url and (admin_key or environ.get("CHATVAULT_ADMIN_KEY")) and config_path is None:
+    # Surrounding whitespace is never part of a key: a secret mounted from a file or
+    # pasted into a variable often ends in a newline.
+    admin_key = strip_key(admin_key)
+    if admin_key:
+        check_key(admin_key, "--admin-key")
+    from_env = strip_key(environ.get("CHATVAULT_ADMIN_KEY"))
+    if url and (admin_key or from_env) and config_path is None:
         # Everything is known already: skip reading the config (it costs a YAML import).
-        given = admin_key or environ["CHATVAULT_ADMIN_KEY"]
-        return Target(url.rstrip("/"), given, "flag" if admin_key else "environment")
+        if admin_key:
+            return Target(url.rstrip("/"), admin_key, "flag")
+        assert from_env is not None
+        return Target(url.rstrip("/"), check_key(from_env, "CHATVAULT_ADMIN_KEY"), "environment")
     raw = _read_yaml(path) if path.exists() else {}
     resolved_url = url or _url_from_config(raw, environ)
     resolved_url = (resolved_url or DEFAULT_URL).rstrip("/")
@@ -85,15 +96,22 @@ def find_target(
         return Target(resolved_url, admin_key, "flag")
     auth = raw.get("auth") if isinstance(raw.get("auth"), dict) else {}
     env_name = str((auth or {}).get("admin_key_env") or "CHATVAULT_ADMIN_KEY")
-    if environ.get(env_name):
-        return Target(resolved_url, environ[env_name], "environment")
-    state_file = _state_file(path, raw)
+    given = strip_key(environ.get(env_name))
+    if given:
+        return Target(resolved_url, check_key(given, env_name), "environment")
+    from chatvault_cli.defaults import user_data_dir, uses_builtin
+
+    if uses_builtin(config_path, environ):  # no config: the built-in default's data folder
+        state_file = user_data_dir(environ) / "state.json"
+    else:
+        state_file = _state_file(path, raw)
     key: object = None
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
         key = state.get("admin_key") if isinstance(state, dict) else None
     except (OSError, ValueError):
         pass
-    if isinstance(key, str) and key:
-        return Target(resolved_url, key, "state file")
+    key = strip_key(key) if isinstance(key, str) else None
+    if key:
+        return Target(resolved_url, check_key(key, f"the state file {state_file}"), "state file")
     return Target(resolved_url, None, "none")

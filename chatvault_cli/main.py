@@ -15,7 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-from chatvault_cli import render
+from chatvault_cli import defaults, render
+from chatvault_cli.db import db_app
 from chatvault_cli.locate import default_config_path
 
 app = typer.Typer(
@@ -33,6 +34,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
 app.add_typer(metrics_app, name="metrics")
 app.add_typer(traces_app, name="traces")
+app.add_typer(db_app, name="db")
+app.command("init")(defaults.init)
 
 # Exit codes of the commands that talk to a daemon (documented in the README).
 OK, DEGRADED, UNHEALTHY, UNREACHABLE, NOT_AUTHORIZED = 0, 1, 2, 3, 4
@@ -59,19 +62,30 @@ AdminKeyOption = Annotated[
 TimeoutOption = Annotated[
     float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the daemon")
 ]
+InsecureOption = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="Allow sending keys over plain HTTP to a host that is not this machine",
+    ),
+]
 
 out = render.make_console()
 err = render.make_console(stderr=True)
 
 
 def _print_json(payload: Any) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    from chatvault_cli.safety import redact  # a server may echo the key it was sent
+
+    sys.stdout.write(redact(json.dumps(payload, indent=2, sort_keys=False)) + "\n")
 
 
 def _settings(config: Path | None) -> Any:
     """Load and validate the config, or exit 2 with the bad key's path."""
     from daemon.config import ConfigError, load_config
 
+    if defaults.uses_builtin(config, os.environ):
+        return defaults.builtin_settings(os.environ)
     path = config or default_config_path(os.environ)
     try:
         return load_config(path)
@@ -94,6 +108,8 @@ def serve(
 ) -> None:
     """Run the gateway in the foreground until SIGTERM or Ctrl-C."""
     settings = _settings(config)
+    if settings.source is None:  # the built-in default: say where its data and key are
+        defaults.announce(settings, os.environ)
     # The daemon manages prometheus_client's multiprocess directory itself (one per
     # daemon, for --workers > 1); an inherited one would mix other processes' values.
     # It must go before prometheus_client is imported.
@@ -243,7 +259,7 @@ def keys_revoke(
 @app.command()
 def usage(
     since: Annotated[str, typer.Option(help="How far back: 24h, 7d, 30m, or a date")] = "24h",
-    by: Annotated[str, typer.Option(help="model | key | day")] = "model",
+    by: Annotated[str, typer.Option(help="model | key | day | hour")] = "model",
     fmt: Annotated[str, typer.Option("--format", help="table | json | csv")] = "table",
     config: ConfigOption = None,
 ) -> None:
@@ -252,8 +268,8 @@ def usage(
 
     from chatvault_cli import offline
 
-    if by not in ("model", "key", "day"):
-        render.error(err, f"--by {by!r}: use model, key or day")
+    if by not in ("model", "key", "day", "hour"):
+        render.error(err, f"--by {by!r}: use model, key, day or hour")
         raise typer.Exit(2)
     if fmt not in ("table", "json", "csv"):
         render.error(err, f"--format {fmt!r}: use table, json or csv")
@@ -283,16 +299,38 @@ def usage(
 # -- commands that talk to a running daemon ------------------------------------------
 
 
-def _client(url: str | None, admin_key: str | None, config: Path | None, timeout: float) -> Any:
-    from chatvault_cli.client import DaemonClient, Unreachable
+def _client(
+    url: str | None,
+    admin_key: str | None,
+    config: Path | None,
+    timeout: float,
+    insecure: bool,
+    api_key: str | None = None,
+) -> Any:
+    """The daemon's client, or exit 2 for a bad key or keys bound for plain HTTP, 3 for a bad URL."""
+    from chatvault_cli.client import DaemonClient, Unreachable, exposes_keys, insecure_message
     from chatvault_cli.locate import find_target
+    from chatvault_cli.safety import BadKey
 
-    target = find_target(url=url, admin_key=admin_key, config_path=config)
     try:
-        return DaemonClient(target.url, admin_key=target.admin_key, timeout=timeout)
+        target = find_target(url=url, admin_key=admin_key, config_path=config)
+    except BadKey as exc:
+        render.error(err, str(exc))
+        raise typer.Exit(2) from None
+    try:
+        client = DaemonClient(
+            target.url, admin_key=target.admin_key, timeout=timeout, insecure=insecure
+        )
     except Unreachable as exc:
         render.error(err, str(exc))
         raise typer.Exit(UNREACHABLE) from None
+    keys = [
+        k for k, held in (("the admin key", target.admin_key), ("the API key", api_key)) if held
+    ]
+    if keys and not insecure and exposes_keys(client.url):
+        render.error(err, insecure_message(client.url, " and ".join(keys)))
+        raise typer.Exit(2)
+    return client
 
 
 def health_exit_code(status: str, fail_on: str) -> int:
@@ -320,6 +358,7 @@ def health(
         bool, typer.Option("--refresh", help="Ask the daemon for a fresh check round first (admin)")
     ] = False,
     timeout: TimeoutOption = 5.0,
+    insecure: InsecureOption = False,
 ) -> None:
     """The daemon's health: exit 0 healthy (or degraded below --fail-on), 1 degraded, 2 unhealthy, 3 unreachable."""
     from chatvault_cli.client import NotChatVault, Unreachable
@@ -327,7 +366,7 @@ def health(
     if fail_on not in ("degraded", "unhealthy"):
         render.error(err, f"--fail-on {fail_on!r}: use degraded or unhealthy")
         raise typer.Exit(2)
-    client = _client(url, admin_key, config, timeout)
+    client = _client(url, admin_key, config, timeout, insecure)
     detailed = client.admin_key is not None
 
     def check() -> tuple[int, Any]:
@@ -391,12 +430,14 @@ def metrics_top(
     ] = False,
     json_out: JsonOption = False,
     timeout: TimeoutOption = 5.0,
+    insecure: InsecureOption = False,
 ) -> None:
     """Live request, token, cost, error and latency rates, like top."""
     import time as _time
 
     from chatvault_cli import promtext, top
     from chatvault_cli.client import NotChatVault, Unreachable
+    from chatvault_cli.safety import redact
 
     if by not in top.GROUPS:
         render.error(err, f"--by {by!r}: use {', '.join(top.GROUPS)}")
@@ -404,7 +445,8 @@ def metrics_top(
     if sort not in top.SORTABLE:
         render.error(err, f"--sort {sort!r}: use one of {', '.join(top.SORTABLE)}")
         raise typer.Exit(2)
-    client = _client(url, admin_key, config, timeout)
+    client = _client(url, admin_key, config, timeout, insecure)
+    trends = top.Trends(by)
 
     def scrape() -> Any:
         return top.reduce(promtext.parse(client.metrics_text()), by, _time.monotonic())
@@ -426,8 +468,8 @@ def metrics_top(
                 info["tracing"] = (
                     f"{'FAILING' if failing else 'ok'} ({tracing.get('spans_exported', 0):,} exported, {tracing.get('spans_dropped', 0):,} dropped)"
                 )
-        except (Unreachable, NotChatVault, PermissionError):
-            pass
+        except (Unreachable, NotChatVault, PermissionError, *_BAD_ANSWER):
+            pass  # the header is extra; the rates below are the point
         return info
 
     def snapshot_payload(first: Any, second: Any) -> dict[str, Any]:
@@ -453,7 +495,8 @@ def metrics_top(
             while True:
                 _time.sleep(interval)
                 current = scrape()
-                sys.stdout.write(json.dumps(snapshot_payload(previous, current)) + "\n")
+                line = json.dumps(snapshot_payload(previous, current))
+                sys.stdout.write(redact(line) + "\n")
                 sys.stdout.flush()
                 previous = current
         with render.live(out, screen=out.is_terminal) as live:
@@ -461,7 +504,9 @@ def metrics_top(
                 _time.sleep(interval)
                 current = scrape()
                 payload = snapshot_payload(previous, current)
-                live.update(render.top_view(payload["rows"], by, payload, interval), refresh=True)
+                trends.add(payload["rows"])
+                view = render.top_view(payload["rows"], by, payload, interval, trends.view())
+                live.update(view, refresh=True)
                 previous = current
     except KeyboardInterrupt:
         return
@@ -471,7 +516,13 @@ def metrics_top(
     except (Unreachable, NotChatVault) as exc:
         render.error(err, str(exc))
         raise typer.Exit(UNREACHABLE) from None
+    except promtext.ParseError as exc:
+        render.error(err, f"{client.url}/metrics is not valid Prometheus text: {exc}")
+        raise typer.Exit(UNREACHABLE) from None
 
+
+# What a malformed answer from a server raises while it is picked apart.
+_BAD_ANSWER = (ValueError, KeyError, TypeError, AttributeError, IndexError)
 
 TRACE_STATUS_KEYS = (
     "endpoint",
@@ -495,13 +546,14 @@ def traces_status(
     config: ConfigOption = None,
     json_out: JsonOption = False,
     timeout: TimeoutOption = 5.0,
+    insecure: InsecureOption = False,
 ) -> None:
     """Where spans go and whether they get there: exported, failed, dropped, queue, last error."""
     import time as _time
 
     from chatvault_cli.client import NotChatVault, Unreachable
 
-    client = _client(url, admin_key, config, timeout)
+    client = _client(url, admin_key, config, timeout, insecure)
     try:
         status = client.traces_status()
     except PermissionError as exc:
@@ -528,7 +580,7 @@ def smoke(
         str | None,
         typer.Option(
             "--key",
-            help="API key for the test calls [default: $CHATVAULT_API_KEY, else the admin key]",
+            help="API key for the test calls [default: $CHATVAULT_API_KEY; never the admin key]",
         ),
     ] = None,
     model: Annotated[
@@ -539,12 +591,28 @@ def smoke(
     config: ConfigOption = None,
     fail_on: Annotated[str, typer.Option("--fail-on", help="degraded | unhealthy")] = "unhealthy",
     timeout: TimeoutOption = 30.0,
+    insecure: InsecureOption = False,
 ) -> None:
     """CI smoke check after a deploy: health, a completion, a stream, and proof they were accounted."""
+    from chatvault_cli.safety import BadKey, check_key, strip_key
     from chatvault_cli.smoke import run_smoke
 
-    client = _client(url, admin_key, config, timeout)
-    api_key = key or os.environ.get("CHATVAULT_API_KEY") or client.admin_key
+    # Not the admin key: test calls should spend through a key limited to a cheap model,
+    # and the admin key should travel to as few places as possible.
+    flag, env = strip_key(key), strip_key(os.environ.get("CHATVAULT_API_KEY"))
+    try:
+        api_key = check_key(flag, "--key") if flag else env and check_key(env, "CHATVAULT_API_KEY")
+    except BadKey as exc:
+        render.error(err, str(exc))
+        raise typer.Exit(2) from None
+    if not api_key:
+        render.error(
+            err,
+            "smoke needs an API key for its test calls: pass --key or set CHATVAULT_API_KEY "
+            "(it does not use the admin key)",
+        )
+        raise typer.Exit(2)
+    client = _client(url, admin_key, config, timeout, insecure, api_key)
     checks = run_smoke(client, api_key=api_key, model=model, fail_on=fail_on)
     render.smoke_results(out, client.url, checks)
     raise typer.Exit(OK if all(ok for _, ok, _ in checks) else 1)
@@ -556,6 +624,12 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:
+        from chatvault_cli.safety import REDACTED, redact
+
+        if REDACTED in redact(str(exc)):
+            # A traceback would print the key in the exception's message: one line instead.
+            render.error(err, f"{type(exc).__name__}: {exc}")
+            sys.exit(1)
         from chatvault_cli.offline import LedgerUnavailable  # only reached by offline commands
 
         if not isinstance(exc, LedgerUnavailable):

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 Labels = tuple[tuple[str, str], ...]
 
 
+class ParseError(ValueError):
+    """The page is not the Prometheus text format; the message says which line."""
+
+
 @dataclass(frozen=True, slots=True)
 class Sample:
     name: str
@@ -55,21 +59,33 @@ def _value(text: str) -> float:
 
 
 def parse(text: str) -> list[Sample]:
-    """Every sample line; comments and the OpenMetrics ``# EOF`` are skipped."""
+    """Every sample line; comments and the OpenMetrics ``# EOF`` are skipped.
+
+    Raises ParseError on the first line that is not a sample.
+    """
     samples = []
-    for line in text.splitlines():
+    # Lines end at "\n" only: splitlines() would also break inside a label value at a
+    # carriage return, form feed or U+2028.
+    for number, line in enumerate(text.split("\n"), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if "{" in line:
-            name, _, rest = line.partition("{")
-            labels_text, _, tail = rest.rpartition("}")
-            labels = _labels(labels_text)
-        else:
-            name, _, tail = line.partition(" ")
-            labels = {}
-        parts = tail.split()
-        if not parts:
-            continue
-        samples.append(Sample(name.strip(), labels, _value(parts[0])))
+        try:
+            samples.append(_sample(line))
+        except (ValueError, IndexError):
+            raise ParseError(f"line {number} is not a sample: {line[:60]!r}") from None
     return samples
+
+
+def _sample(line: str) -> Sample:
+    if "{" in line:
+        name, _, rest = line.partition("{")
+        labels_text, _, tail = rest.rpartition("}")
+        labels = _labels(labels_text)
+    else:
+        name, _, tail = line.partition(" ")
+        labels = {}
+    parts = tail.split()
+    if not name.strip() or not parts:
+        raise ValueError("no name or no value")
+    return Sample(name.strip(), labels, _value(parts[0]))

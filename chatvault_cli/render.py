@@ -2,21 +2,26 @@
 
 Each function takes the ``Console`` to draw on, so tests pass one of fixed width that
 writes to a buffer. Without a terminal (or with ``NO_COLOR``) rich writes no ANSI codes.
+Whatever the server sent goes through ``safety.clean`` (rich keeps ESC sequences in
+``Text``), and every message through ``safety.redact`` (no key is ever printed).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rich import box
 from rich.console import Console, Group
 from rich.live import Live
+from rich.measure import Measurement
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+
+from chatvault_cli.safety import clean, redact, scrub
 
 
 def make_console(stderr: bool = False) -> Console:
@@ -28,23 +33,28 @@ def live(console: Console, screen: bool = False) -> Live:
     return Live(console=console, auto_refresh=False, screen=screen)
 
 
+def safe(message: str) -> Text:
+    """A message for the terminal: no escape sequences, no keys."""
+    return Text(clean(redact(message)))
+
+
 def unreachable(message: str) -> Text:
-    return Text(f"✖ unreachable: {message}", style="bold red")
+    return Text(f"✖ unreachable: {clean(redact(message))}", style="bold red")
 
 
 def error(console: Console, message: str, hint: str | None = None) -> None:
     # soft_wrap: one message, one line, whatever the width (logs and pipes grep it).
-    console.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)
+    console.print(Text("error: ", style="bold red") + safe(message), soft_wrap=True)
     if hint:
-        console.print(Text("hint: ", style="yellow") + Text(hint), soft_wrap=True)
+        console.print(Text("hint: ", style="yellow") + safe(hint), soft_wrap=True)
 
 
 def success(console: Console, message: str) -> None:
-    console.print(Text("✓ ", style="bold green") + Text(message))
+    console.print(Text("✓ ", style="bold green") + safe(message))
 
 
 def warning(console: Console, message: str) -> None:
-    console.print(Text("! ", style="bold yellow") + Text(message))
+    console.print(Text("! ", style="bold yellow") + safe(message))
 
 
 def _when(ts: float | None) -> str:
@@ -128,9 +138,29 @@ def keys_table(console: Console, keys: Sequence[dict[str, Any]]) -> None:
 
 
 def usage_table(console: Console, by: str, rows: Sequence[dict[str, Any]], since: str) -> None:
+    """The table; by day or hour, with a bar chart beside it (below it when too narrow)."""
     if not rows:
-        console.print(f"No requests in the ledger since {since}.")
+        console.print(Text(f"No requests in the ledger since {since}."))
         return
+    table = _usage_table(by, rows, since)
+    if by not in ("day", "hour"):
+        console.print(table)
+        return
+    chart = usage_chart(by, rows)
+    gap = 3
+    widths = [Measurement.get(console, console.options, r).maximum for r in (table, chart)]
+    if sum(widths) + gap <= console.width:
+        side = Table.grid(padding=(0, gap))
+        side.add_column(vertical="top")
+        side.add_column(vertical="top")
+        side.add_row(table, chart)
+        console.print(side)
+    else:
+        console.print(table)
+        console.print(chart)
+
+
+def _usage_table(by: str, rows: Sequence[dict[str, Any]], since: str) -> Table:
     table = Table(title=Text(f"Usage since {since}, by {by}"), title_justify="left")
     table.add_column(by)
     for column in ("requests", "errors", "input tokens", "output tokens", "cost"):
@@ -138,7 +168,7 @@ def usage_table(console: Console, by: str, rows: Sequence[dict[str, Any]], since
     totals = [0, 0, 0, 0, 0.0]
     for r in rows:
         table.add_row(
-            Text(str(r[by])),
+            Text(clean(str(r[by]))),
             f"{r['requests']:,}",
             f"{r['errors']:,}",
             f"{r['input_tokens']:,}",
@@ -158,7 +188,79 @@ def usage_table(console: Console, by: str, rows: Sequence[dict[str, Any]], since
         f"{int(totals[3]):,}",
         _money(float(totals[4])),
     )
-    console.print(table)
+    return table
+
+
+BAR_WIDTH = 20
+CHART_PERIODS = 48  # the most recent periods drawn; the table has them all
+_EIGHTHS = " ▏▎▍▌▋▊▉"
+_PERIOD_FORMAT = {"day": "%Y-%m-%d", "hour": "%Y-%m-%d %H:00"}
+
+
+def bar(value: float, peak: float, width: int = BAR_WIDTH) -> str:
+    """A horizontal bar of ``value`` against ``peak`` in eighths of a cell."""
+    if value <= 0 or peak <= 0:
+        return ""
+    eighths = round(min(value / peak, 1.0) * width * 8)
+    full, rest = divmod(eighths, 8)
+    return ("█" * full + (_EIGHTHS[rest] if rest else "")) or "▏"  # any traffic shows
+
+
+def _fill_periods(by: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows in time order with the quiet periods between them added as zeros."""
+    fmt = _PERIOD_FORMAT[by]
+    step = dt.timedelta(days=1) if by == "day" else dt.timedelta(hours=1)
+    try:
+        known = {dt.datetime.strptime(str(r[by]), fmt): r for r in rows}
+    except ValueError:  # not the ledger's own period labels: draw what is there
+        return list(rows)
+    if not known:
+        return []
+    out = []
+    at, last = min(known), max(known)
+    while at <= last:
+        out.append(known.get(at) or {by: at.strftime(fmt), "cost_usd": 0.0, "tokens": 0})
+        at += step
+    return out
+
+
+def usage_chart(by: str, rows: Sequence[dict[str, Any]]) -> Table:
+    """Cost and tokens per period as bars, each scaled to its own busiest period."""
+    filled = [
+        {**r, "tokens": int(r.get("input_tokens", 0)) + int(r.get("output_tokens", 0))}
+        if "tokens" not in r
+        else r
+        for r in _fill_periods(by, rows)
+    ]
+    shown = filled[-CHART_PERIODS:]
+    title = f"Cost and tokens per {by}"
+    if len(shown) < len(filled):
+        title += f" (the last {len(shown)} of {len(filled)})"
+    chart = Table(
+        title=Text(title), title_justify="left", box=None, pad_edge=False, show_header=True
+    )
+    chart.add_column(by, no_wrap=True)
+    chart.add_column("cost", no_wrap=True, min_width=BAR_WIDTH)
+    chart.add_column("", justify="right", no_wrap=True)
+    chart.add_column("tokens", no_wrap=True, min_width=BAR_WIDTH)
+    chart.add_column("", justify="right", no_wrap=True)
+    peak_cost = max((float(r["cost_usd"]) for r in shown), default=0.0)
+    peak_tokens = max((float(r["tokens"]) for r in shown), default=0.0)
+    for r in shown:
+        chart.add_row(
+            Text(clean(str(r[by]))),
+            Text(bar(float(r["cost_usd"]), peak_cost), style="green"),
+            _money(float(r["cost_usd"])),
+            Text(bar(float(r["tokens"]), peak_tokens), style="cyan"),
+            _tokens(int(r["tokens"])),
+        )
+    return chart
+
+
+def _tokens(n: int) -> str:
+    if n >= 1_000_000:
+        return f"{n / 1_000_000:.1f}M"
+    return f"{n / 1000:.1f}k" if n >= 10_000 else f"{n:,}"
 
 
 def config_ok(
@@ -236,12 +338,15 @@ def key_figures(name: str, c: dict[str, Any]) -> str:
 
 
 def health_view(body: dict[str, Any], url: str, detailed: bool) -> Group:
+    body = scrub(body)
     table = Table(title=Text(f"ChatVault health · {url}"), title_justify="left", expand=False)
     table.add_column("component", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("message", overflow="fold")
     table.add_column("figures", overflow="fold")
     for name, c in body.get("components", {}).items():
+        if not isinstance(c, dict):
+            c = {"status": "?", "message": str(c)}
         table.add_row(
             Text(name),
             status_text(c.get("status", "?")),
@@ -297,9 +402,29 @@ def _seconds(value: Any) -> str:
     return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.2f}s"
 
 
+_SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float], width: int) -> str:
+    """The last ``width`` values as block heights from zero to their peak, right-aligned."""
+    values = [max(float(v), 0.0) for v in values[-width:]]
+    peak = max(values, default=0.0)
+    if peak <= 0:
+        return (_SPARKS[0] * len(values)).rjust(width)
+    top = len(_SPARKS) - 1
+    return "".join(_SPARKS[round(v / peak * top)] for v in values).rjust(width)
+
+
 def top_view(
-    rows: Sequence[dict[str, Any]], by: str, header: dict[str, Any], interval: float
+    rows: Sequence[dict[str, Any]],
+    by: str,
+    header: dict[str, Any],
+    interval: float,
+    trends: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    trend_width: int = 16,
 ) -> Group:
+    """``trends``: each row's past req/s and $/h over the watch window, drawn as sparklines."""
+    rows, header = scrub(rows), scrub(header)
     head = Text()
     head.append("ChatVault top", style="bold")
     head.append(f" · {header['url']} · every {interval:g}s", style="dim")
@@ -324,16 +449,26 @@ def top_view(
         collapse_padding=True,
     )
     table.add_column(by, no_wrap=True, overflow="ellipsis", max_width=24)
-    columns = ("req/s", "tok/s i/o", "$/h", "err%", "p50", "p95", "ttft", "reqs", "$ total")
+    columns: tuple[str, ...] = ("req/s", "tok/s i/o", "$/h", "err%", "p50", "p95", "ttft")
+    if trends is not None:
+        columns = ("req/s", "req/s trend", "tok/s i/o", "$/h", "$/h trend", *columns[3:])
+    columns = (*columns, "reqs", "$ total")
     for column in columns:
         table.add_column(column, justify="right", no_wrap=True)
     for r in rows:
         err = r.get("error_rate")
-        table.add_row(
-            Text(str(r[by])),
+        rates: list[Any] = [
             _num(r["requests_per_s"], "{:,.2f}"),
             f"{_num(r['tokens_in_per_s'], '{:,.0f}')}/{_num(r['tokens_out_per_s'], '{:,.0f}')}",
             _num(r["cost_per_hour_usd"], "{:,.4f}"),
+        ]
+        if trends is not None:
+            req_history, cost_history = trends.get(str(r[by]), ((), ()))
+            rates.insert(1, Text(sparkline(req_history, trend_width), style="cyan"))
+            rates.insert(4, Text(sparkline(cost_history, trend_width), style="green"))
+        table.add_row(
+            Text(str(r[by])),
+            *rates,
             Text(_num(None if err is None else err * 100), style="red" if err else ""),
             _seconds(r["p50_latency_s"]),
             _seconds(r["p95_latency_s"]),
@@ -356,6 +491,7 @@ def _age(ts: Any, now: float) -> str:
 
 
 def traces_panel(status: dict[str, Any], now: float) -> Panel:
+    status = scrub(status)
     if not status.get("enabled"):
         return Panel(
             Text("tracing is disabled (monitoring.tracing.enabled or OTEL_SDK_DISABLED)"),
@@ -401,9 +537,9 @@ def smoke_results(console: Console, url: str, checks: Sequence[tuple[str, bool, 
     console.print(Text(f"ChatVault smoke check · {url}", style="bold"))
     for name, ok, detail in checks:
         line = Text("  ✓ " if ok else "  ✗ ", style="bold green" if ok else "bold red")
-        line.append(name)
+        line.append(clean(name))
         if detail:
-            line.append(f"  {detail}", style="dim")
+            line.append(f"  {clean(redact(detail))}", style="dim")
         console.print(line)
     passed = sum(1 for _, ok, _ in checks if ok)
     verdict = "PASS" if passed == len(checks) else "FAIL"

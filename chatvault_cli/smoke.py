@@ -54,7 +54,7 @@ def run_smoke(
             (
                 "api key",
                 False,
-                "no key: pass --key, set CHATVAULT_API_KEY, or make the admin key findable",
+                "no API key: pass --key or set CHATVAULT_API_KEY (smoke never uses the admin key)",
             ),
         ]
     try:

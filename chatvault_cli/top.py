@@ -11,12 +11,12 @@ something true.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatvault_cli.promtext import Sample
+from chatvault_cli.promtext import ParseError, Sample
 
 GROUPS = ("model", "provider", "user_type")
 DURATION = "chatvault_model_request_duration_seconds"
@@ -45,7 +45,15 @@ class Snapshot:
     in_flight: float = 0.0
 
 
+def _bound(sample: Sample) -> float:
+    try:
+        return float(sample.labels["le"])
+    except (KeyError, ValueError):
+        raise ParseError(f"{sample.name}: a bucket without a numeric le label") from None
+
+
 def reduce(samples: Iterable[Sample], by: str, at: float) -> Snapshot:
+    """Raises promtext.ParseError for a histogram bucket without a usable ``le``."""
     groups: dict[str, GroupTotals] = defaultdict(GroupTotals)
     in_flight = 0.0
     for s in samples:
@@ -61,9 +69,9 @@ def reduce(samples: Iterable[Sample], by: str, at: float) -> Snapshot:
             if s.labels.get("outcome") == "error":
                 g.errors += s.value
         elif s.name == DURATION + "_bucket" and s.labels.get("outcome") == "success":
-            g.duration_buckets[float(s.labels["le"])] += s.value
+            g.duration_buckets[_bound(s)] += s.value
         elif s.name == TTFT + "_bucket":
-            g.ttft_buckets[float(s.labels["le"])] += s.value
+            g.ttft_buckets[_bound(s)] += s.value
         elif s.name == TOKENS:
             if s.labels.get("token_type") == "input":
                 g.tokens_in += s.value
@@ -166,3 +174,23 @@ SORTABLE = (
 def sort_rows(rows_: Sequence[dict[str, Any]], column: str) -> list[dict[str, Any]]:
     """Largest first; rows without a value last."""
     return sorted(rows_, key=lambda r: (r.get(column) is None, -(r.get(column) or 0)))
+
+
+class Trends:
+    """Each group's req/s and $/h over the last ``size`` intervals of a watch."""
+
+    def __init__(self, by: str, size: int = 16) -> None:
+        self.by = by
+        self.size = size
+        self._series: dict[str, tuple[deque[float], deque[float]]] = {}
+
+    def add(self, rows_: Sequence[dict[str, Any]]) -> None:
+        for r in rows_:
+            requests, cost = self._series.setdefault(
+                str(r[self.by]), (deque(maxlen=self.size), deque(maxlen=self.size))
+            )
+            requests.append(float(r["requests_per_s"] or 0))
+            cost.append(float(r["cost_per_hour_usd"] or 0))
+
+    def view(self) -> dict[str, tuple[list[float], list[float]]]:
+        return {k: (list(req), list(cost)) for k, (req, cost) in self._series.items()}

@@ -109,7 +109,20 @@ class LedgerConfig(_Strict):
     url: str = "sqlite:///data/chatvault.db"
     batch_size: int = Field(default=500, gt=0)
     flush_interval_s: Positive = 0.2
-    max_queue: int = Field(default=100_000, gt=0)
+    max_queue: int = Field(default=100_000, gt=0)  # billed rows in memory, then the journal
+    # Where billed rows wait while the database is unreachable (docs/ledger.md). Default:
+    # beside a SQLite ledger (<file>.journal), <data_dir>/ledger-journal for PostgreSQL.
+    journal_dir: Path | None = None
+    journal_max_bytes: int = Field(default=1 << 30, ge=1 << 20)
+    # A row waiting longer than this in memory is journaled: what a SIGKILL can lose.
+    spill_after_s: Positive = 0.5
+    # Refused requests at no cost (401, 429...): their own bounded queue, never journaled.
+    rejected_max_queue: int = Field(default=10_000, gt=0)
+    # /readyz stays up this long into a database outage while the journal absorbs rows.
+    ready_during_outage_s: float = Field(default=30.0, ge=0)
+    # Apply pending schema migrations at start; false: refuse to start until
+    # `chatvault db migrate` has run (for operators who migrate before deploying).
+    migrate_on_start: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> LedgerConfig:
@@ -234,6 +247,21 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         url: str = ledger["url"]
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             ledger["url"] = "sqlite:///" + str(base / url.removeprefix("sqlite:///"))
+        _resolve_journal_dir(ledger, base, raw["data_dir"])
+
+
+def _resolve_journal_dir(ledger: dict[str, Any], base: Path, data_dir: Path) -> None:
+    journal = ledger.get("journal_dir")
+    if isinstance(journal, str | Path) and str(journal):
+        path = Path(journal)
+        ledger["journal_dir"] = path if path.is_absolute() else base / path
+        return
+    url = str(ledger["url"])
+    if url.startswith("sqlite:") and "mode=ro" not in url:
+        file = "/" + url.removeprefix("sqlite:").partition("?")[0].lstrip("/")
+        ledger["journal_dir"] = Path(file + ".journal")
+    else:
+        ledger["journal_dir"] = data_dir / "ledger-journal"
 
 
 def parse_config(raw: object, *, base: Path, source: Path | None = None) -> Settings:

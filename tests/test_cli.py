@@ -7,7 +7,6 @@ import math
 import signal
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,17 @@ def health_config(models: list[dict[str, Any]]) -> dict[str, Any]:
     c = base_config(monitoring=QUICK_HEALTH)
     c["models"] = models
     return c
+
+
+def served(daemon: Daemon, route: str) -> int:
+    """How many requests to ``route`` the daemon has answered, from its access log."""
+    count = 0
+    for line in daemon.log().splitlines():
+        try:
+            count += json.loads(line).get("route") == route
+        except ValueError:
+            continue
+    return count
 
 
 def refresh(daemon: Daemon) -> None:
@@ -153,6 +163,7 @@ def test_health_unreachable_or_not_chatvault_exits_3() -> None:
 
 
 def test_health_watch_redraws_until_interrupted(healthy: Daemon) -> None:
+    before = served(healthy, "/health")
     process = subprocess.Popen(
         [sys.executable, "-m", "chatvault_cli", "health", "--url", healthy.url, "--watch", "0.2"],
         env={**__import__("os").environ, **ENV},
@@ -160,7 +171,7 @@ def test_health_watch_redraws_until_interrupted(healthy: Daemon) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.5)
+    wait_for(lambda: served(healthy, "/health") >= before + 2)  # drawn, and redrawn
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=10)
     assert process.returncode == 0, err
@@ -296,6 +307,7 @@ def test_metrics_top_once_json_totals_equal_the_ledger(tmp_path: Path) -> None:
 
 
 def test_metrics_top_rates_follow_traffic_between_scrapes(healthy: Daemon) -> None:
+    before = served(healthy, "/metrics")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -314,7 +326,7 @@ def test_metrics_top_rates_follow_traffic_between_scrapes(healthy: Daemon) -> No
         stdout=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.8)  # the first scrape has happened by now
+    wait_for(lambda: served(healthy, "/metrics") > before)  # the first scrape is done
     client = client_for(healthy.url)
     for _ in range(10):
         client.chat.completions.create(
@@ -371,7 +383,14 @@ def test_traces_status(tmp_path: Path) -> None:
 
 
 def test_smoke_passes_against_a_good_gateway(healthy: Daemon) -> None:
-    result = cli("smoke", "--url", healthy.url, env=ENV)
+    # The way a CI job runs it: a key of its own, limited to a cheap model.
+    created = cli(
+        "keys", "create", "--name", "smoke", "--models", "mock", "--json",
+        "--config", str(healthy.config_path),
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    api_key = json.loads(created.stdout)["key"]
+    result = cli("smoke", "--url", healthy.url, env={**ENV, "CHATVAULT_API_KEY": api_key})
     assert result.returncode == 0, result.stdout + result.stderr
     for check in ("health", "completion", "streamed completion", "accounted in /metrics"):
         assert f"✓ {check}" in result.stdout
@@ -381,11 +400,13 @@ def test_smoke_passes_against_a_good_gateway(healthy: Daemon) -> None:
 def test_smoke_fails_on_a_bad_model_or_an_unhealthy_gateway(
     healthy: Daemon, tmp_path: Path
 ) -> None:
-    result = cli("smoke", "--url", healthy.url, "--model", "no-such-model", env=ENV)
+    result = cli(
+        "smoke", "--url", healthy.url, "--model", "no-such-model", "--key", ADMIN_KEY, env=ENV
+    )
     assert result.returncode == 1 and "✗ completion" in result.stdout and "FAIL" in result.stdout
     with running(tmp_path, health_config([dead_model("a")])) as daemon:
         refresh(daemon)
-        result = cli("smoke", "--url", daemon.url, env=ENV)
+        result = cli("smoke", "--url", daemon.url, "--key", ADMIN_KEY, env=ENV)
         assert result.returncode == 1 and "✗ health" in result.stdout
 
 
