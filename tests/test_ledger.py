@@ -16,11 +16,12 @@ from typing import Any
 import asyncpg
 import pytest
 
+from daemon.budget import SpendBook
 from daemon.keys import create_key
 from daemon.ledger import open_store
 from daemon.ledger.base import DuplicateKeyName, Store, day_start
 from daemon.ledger.sqlite import SQLiteStore
-from daemon.ledger.writer import LedgerWriter, SpendBook
+from daemon.ledger.writer import LedgerWriter
 from daemon.usage import TokenCounts, Usage
 from tests.helpers import ADMIN_KEY, base_config, cli, wait_for, write_config
 
@@ -63,7 +64,7 @@ def postgres_schema() -> Iterator[str]:
 
     try:
         asyncio.run(run(f"CREATE SCHEMA {schema}"))
-    except (OSError, asyncpg.PostgresError) as exc:
+    except OSError as exc:  # absent server only: wrong credentials must fail the test
         pytest.skip(f"PostgreSQL not reachable at {POSTGRES}: {exc}")
     try:
         yield f"{POSTGRES}?search_path={schema}"
@@ -142,9 +143,9 @@ def test_batches_update_spend_and_usage_groups(store_url: str) -> None:
             assert (stats.active_keys, stats.requests_today) == (1, 4)
             assert stats.spend_today_usd == pytest.approx(2.0)
             check = await store.check()
-            assert (
-                check.ok and check.writable and check.request_rows == 4 and check.active_keys == 1
-            )
+            assert check.ok and check.writable and check.active_keys == 1
+            if store.kind == "sqlite":  # PostgreSQL shows the planner's estimate (O(1))
+                assert check.request_rows == 4
 
     asyncio.run(scenario())
 
@@ -188,15 +189,19 @@ def test_writer_keeps_rows_while_the_database_is_locked_and_retries(tmp_path: Pa
             if writer.write_failures:
                 break
             await asyncio.sleep(0.02)
-        assert writer.write_failures >= 1 and writer.depth == 5
+        # Out of memory and onto disk, beside the database, until it takes writes again.
+        assert writer.write_failures >= 1 and writer.depth == 0 and writer.journal_depth == 5
         assert writer.last_error is not None and "locked" in writer.last_error
+        assert writer.absorbing and writer.readiness()[0]
+        assert list(Path(f"{path}.journal").glob("*.jsonl"))
         blocker.execute("ROLLBACK")
         blocker.close()
         for _ in range(200):
             if writer.rows_written == 5:
                 break
             await asyncio.sleep(0.02)
-        assert writer.rows_written == 5 and writer.depth == 0
+        assert writer.rows_written == 5 and writer.depth == 0 and writer.journal_depth == 0
+        assert not list(Path(f"{path}.journal").glob("*.jsonl"))  # replayed, then removed
         await writer.close()
         await store.close()
 

@@ -7,6 +7,7 @@ implement the same protocol; ``open_store`` picks one from the ledger URL.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -14,7 +15,7 @@ from typing import Any, Literal, Protocol
 import orjson
 
 from daemon.keys import KeyRecord
-from daemon.usage import Usage
+from daemon.usage import TokenCounts, Usage
 
 GroupBy = Literal["model", "key", "day"]
 
@@ -39,6 +40,9 @@ REQUEST_COLUMNS = (
     "upstream_latency_s",
     "ttft_s",
     "trace_id",
+    "row_id",
+    "estimated",
+    "estimated_reason",
 )
 
 KEY_COLUMNS = (
@@ -80,7 +84,68 @@ def usage_row(u: Usage) -> tuple[Any, ...]:
         u.upstream_latency_s,
         u.ttft_s,
         u.trace_id,
+        u.row_id,
+        u.estimated_reason is not None,
+        u.estimated_reason,
     )
+
+
+def usage_from_row(row: Sequence[Any], *, recovered: bool = False) -> Usage:
+    """The ``Usage`` a stored row (``usage_row``'s tuple, e.g. from the journal) describes."""
+    (
+        request_id,
+        ts,
+        key_id,
+        user_type,
+        operation,
+        model,
+        provider,
+        upstream_model,
+        stream,
+        status_code,
+        error_type,
+        input_tokens,
+        output_tokens,
+        cached_tokens,
+        reasoning_tokens,
+        cost,
+        latency_s,
+        upstream_latency_s,
+        ttft_s,
+        trace_id,
+        row_id,
+        _estimated,
+        estimated_reason,
+    ) = row
+    return Usage(
+        request_id=request_id,
+        started_at=ts,
+        key_id=key_id,
+        user_type=user_type,
+        operation=operation,
+        model=model,
+        provider=provider,
+        upstream_model=upstream_model,
+        stream=bool(stream),
+        status_code=status_code,
+        error_type=error_type,
+        tokens=TokenCounts(input_tokens, output_tokens, cached_tokens, reasoning_tokens),
+        cost_usd=cost,
+        latency_s=latency_s,
+        upstream_latency_s=upstream_latency_s,
+        ttft_s=ttft_s,
+        trace_id=trace_id,
+        row_id=row_id,
+        estimated_reason=estimated_reason,
+        recovered=recovered,
+        finished=True,
+    )
+
+
+def is_rejected(u: Usage) -> bool:
+    """A refused request that costs nothing (401, 403, 429, ...): recorded when there is
+    room, but never allowed to displace a billed row (see docs/ledger.md)."""
+    return u.status_code >= 400 and not u.cost_usd
 
 
 def key_row(k: KeyRecord) -> tuple[Any, ...]:
@@ -152,6 +217,57 @@ class StoreCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class SchemaStatus:
+    """The database's schema version and what this release would still apply."""
+
+    version: int  # 0: no ChatVault tables yet
+    latest: int  # the newest version this release knows
+    applied: tuple[tuple[int, str, float | None], ...]  # (version, name, applied_at)
+    pending: tuple[tuple[int, str], ...]  # (version, name)
+    legacy: bool = False  # tables from a release before schema versions
+
+
+class SchemaTooNew(Exception):
+    """The database was migrated by a newer release: this one must not write to it."""
+
+
+class SchemaOutdated(Exception):
+    """Migrations are pending and this store was asked not to apply them."""
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password, for /health, logs and errors.
+
+    Both places a password can hide are covered: ``user:password@host`` and the query
+    parameter ``?password=...`` (libpq and asyncpg accept both).
+    """
+    url = re.sub(r"//([^:/@?#]*):[^@/?#]*@", r"//\1:***@", url)
+    return re.sub(r"(?i)([?&](?:password|passwd|sslpassword)=)[^&#]*", r"\1***", url)
+
+
+def redact_text(text: str, url: str) -> str:
+    """``text`` (an error message) with any secret from ``url`` replaced."""
+    for secret in _url_secrets(url):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _url_secrets(url: str) -> list[str]:
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        found = [parts.password] if parts.password else []
+        for name, values in parse_qs(parts.query).items():
+            if name.lower() in ("password", "passwd", "sslpassword"):
+                found.extend(values)
+    except ValueError:
+        return []
+    out = [s for s in found if s]
+    return out + [unquote(s) for s in out if unquote(s) != s]
+
+
+@dataclass(frozen=True, slots=True)
 class DayStats:
     active_keys: int
     requests_today: int
@@ -161,8 +277,14 @@ class DayStats:
 class Store(Protocol):
     """Where keys and request rows live.
 
-    ``write_requests`` stores a batch atomically and returns, for each key it touched,
-    the key's committed total spend afterwards (budgets read it).
+    ``write_requests`` stores a batch atomically and idempotently: a row whose
+    ``row_id`` is already stored is skipped, and only rows actually inserted add to
+    their key's spend, in the same transaction. It returns, for each key with spend in
+    the batch, the key's committed total afterwards (budgets read it).
+
+    ``open`` applies pending schema migrations (``migrate="apply"``, the default),
+    or refuses to start while some are pending (``"check"``), or neither (``"none"``,
+    for ``chatvault db status``).
     """
 
     kind: str
@@ -190,7 +312,15 @@ class Store(Protocol):
 
     async def day_stats(self, day_start: float) -> DayStats: ...
 
-    async def check(self) -> StoreCheck: ...
+    async def check(self) -> StoreCheck:
+        """O(1) whatever the ledger's size: /health and /readyz call it every round."""
+        ...
+
+    async def schema_status(self) -> SchemaStatus: ...
+
+    async def migrate(self) -> list[tuple[int, str]]:
+        """Apply pending migrations under a lock; return those this call applied."""
+        ...
 
     def is_permanent(self, error: BaseException) -> bool:
         """Did the database refuse the data itself (retrying cannot help)?"""

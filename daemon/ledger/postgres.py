@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import asyncpg
 
@@ -16,63 +16,44 @@ from daemon.ledger.base import (
     DayStats,
     DuplicateKeyName,
     GroupBy,
+    SchemaOutdated,
+    SchemaStatus,
+    SchemaTooNew,
     StoreCheck,
     UsageGroup,
     key_from_row,
     key_row,
+    redact_text,
+    redact_url,
     spend_by_key,
     usage_row,
 )
+from daemon.ledger.migrations import LATEST, VERSIONS_TABLE_POSTGRES, pending, too_new_message
 from daemon.usage import Usage
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS keys (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    key_hash TEXT NOT NULL UNIQUE,
-    prefix TEXT NOT NULL,
-    user_type TEXT NOT NULL,
-    rpm INTEGER,
-    tpm INTEGER,
-    budget_usd DOUBLE PRECISION,
-    models TEXT,
-    created_at DOUBLE PRECISION NOT NULL,
-    revoked_at DOUBLE PRECISION,
-    spend_usd DOUBLE PRECISION NOT NULL DEFAULT 0
-);
-CREATE UNIQUE INDEX IF NOT EXISTS keys_active_name ON keys(name) WHERE revoked_at IS NULL;
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
-INSERT INTO meta(name, value) VALUES ('keys_generation', 0) ON CONFLICT DO NOTHING;
-CREATE TABLE IF NOT EXISTS requests (
-    request_id TEXT NOT NULL,
-    ts DOUBLE PRECISION NOT NULL,
-    key_id TEXT NOT NULL,
-    user_type TEXT NOT NULL,
-    operation TEXT NOT NULL,
-    model TEXT NOT NULL,
-    provider TEXT NOT NULL,
-    upstream_model TEXT NOT NULL,
-    stream BOOLEAN NOT NULL,
-    status_code INTEGER NOT NULL,
-    error_type TEXT,
-    input_tokens INTEGER NOT NULL,
-    output_tokens INTEGER NOT NULL,
-    cached_tokens INTEGER NOT NULL,
-    reasoning_tokens INTEGER NOT NULL,
-    cost_usd DOUBLE PRECISION NOT NULL,
-    latency_s DOUBLE PRECISION NOT NULL,
-    upstream_latency_s DOUBLE PRECISION,
-    ttft_s DOUBLE PRECISION,
-    trace_id TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS requests_ts ON requests(ts);
-CREATE INDEX IF NOT EXISTS requests_key_ts ON requests(key_id, ts);
-CREATE INDEX IF NOT EXISTS requests_request_id ON requests(request_id);
-"""
-
-_INSERT_REQUEST = (
+_COLUMN_TYPES = {
+    "ts": "float8",
+    "stream": "bool",
+    "status_code": "int4",
+    "input_tokens": "int8",
+    "output_tokens": "int8",
+    "cached_tokens": "int8",
+    "reasoning_tokens": "int8",
+    "cost_usd": "float8",
+    "latency_s": "float8",
+    "upstream_latency_s": "float8",
+    "ttft_s": "float8",
+    "estimated": "bool",
+}
+# One statement per batch: the rows as column arrays, duplicates (by row_id) skipped,
+# and the inserted rows' spend returned so it is added in the same transaction.
+_INSERT_REQUESTS = (
     f"INSERT INTO requests ({', '.join(REQUEST_COLUMNS)}) "
-    f"VALUES ({', '.join(f'${i + 1}' for i in range(len(REQUEST_COLUMNS)))})"
+    "SELECT * FROM unnest("
+    + ", ".join(
+        f"${i + 1}::{_COLUMN_TYPES.get(c, 'text')}[]" for i, c in enumerate(REQUEST_COLUMNS)
+    )
+    + ") ON CONFLICT (row_id) DO NOTHING RETURNING key_id, cost_usd"
 )
 _INSERT_KEY = (
     f"INSERT INTO keys ({', '.join(KEY_COLUMNS)}) "
@@ -84,21 +65,31 @@ _GROUP_EXPR = {
     "key": "COALESCE(k.name, r.key_id)",
     "day": "to_char(to_timestamp(r.ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
 }
-# Serialises schema creation when several workers start at once.
+# Serialises migrations when several workers or replicas start at once.
 _SCHEMA_LOCK = 0x43564C44
 
-
-def redact(url: str) -> str:
-    """The URL without its password, for /health and logs."""
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+redact = redact_url  # the name earlier code used
 
 
 class PostgresStore:
     kind = "postgresql"
 
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 5) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 5,
+        migrate: str = "apply",
+        journal_dir: Path | None = None,
+    ) -> None:
         self.url = url.replace("postgres://", "postgresql://", 1)
-        self.description = redact(self.url)
+        self.description = redact_url(self.url)
+        self.migrate_mode = migrate
+        # PostgreSQL is remote: where the journal goes is the operator's choice
+        # (ledger.journal_dir), passed in by whoever builds the writer.
+        self.journal_dir = journal_dir
+        self.applied_at_open: list[tuple[int, str]] = []
         self._min, self._max = min_size, max_size
         self._pool: asyncpg.Pool | None = None
 
@@ -109,12 +100,65 @@ class PostgresStore:
         return self._pool
 
     async def open(self) -> None:
-        self._pool = await asyncpg.create_pool(
-            self.url, min_size=self._min, max_size=self._max, command_timeout=10
-        )
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
-            await conn.execute(SCHEMA)
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=self._min, max_size=self._max, command_timeout=10
+            )
+            if self.migrate_mode == "apply":
+                self.applied_at_open = await self.migrate()
+            elif self.migrate_mode == "check":
+                status = await self.schema_status()
+                if status.version > LATEST:
+                    raise SchemaTooNew(too_new_message(status.version))
+                if status.pending:
+                    raise SchemaOutdated(
+                        f"{len(status.pending)} schema migration(s) pending (version "
+                        f"{status.version}, this release needs {LATEST}): "
+                        "run `chatvault db migrate`"
+                    )
+        except (SchemaTooNew, SchemaOutdated):
+            await self.close()
+            raise
+        except Exception as exc:
+            await self.close()
+            # Error texts can quote the DSN (and its ?password=): never let one out.
+            message = redact_text(f"{exc}", self.url)
+            raise ConnectionError(f"{type(exc).__name__}: {message}") from None
+
+    async def schema_status(self) -> SchemaStatus:
+        async with self.pool.acquire() as conn:
+            return await _status(conn)
+
+    async def migrate(self) -> list[tuple[int, str]]:
+        async with self.pool.acquire() as conn:
+            status = await _status(conn)  # without the lock: nothing pending stays cheap
+            if status.version > LATEST:
+                raise SchemaTooNew(too_new_message(status.version))
+            if not status.pending:
+                return []
+            async with conn.transaction():
+                # Held to the end of the transaction: a second replica waits here, then
+                # finds every migration recorded.
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+                await conn.execute(VERSIONS_TABLE_POSTGRES)
+                done = {
+                    int(r[0]) for r in await conn.fetch("SELECT version FROM schema_migrations")
+                }
+                if max(done, default=0) > LATEST:
+                    raise SchemaTooNew(too_new_message(max(done)))
+                applied = []
+                for migration in pending(done):
+                    for statement in migration.postgres:
+                        await conn.execute(statement, timeout=None)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations(version, name, applied_at) "
+                        "VALUES ($1, $2, $3)",
+                        migration.version,
+                        migration.name,
+                        time.time(),
+                    )
+                    applied.append((migration.version, migration.name))
+                return applied
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -122,17 +166,24 @@ class PostgresStore:
             self._pool = None
 
     async def write_requests(self, rows: Sequence[Usage]) -> dict[str, float]:
-        spend = spend_by_key(rows)
+        values = [usage_row(u) for u in rows]
+        columns = [list(c) for c in zip(*values, strict=True)] if values else []
+        keys = list(spend_by_key(rows))
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.executemany(_INSERT_REQUEST, [usage_row(u) for u in rows])
-            if not spend:
+            inserted = await conn.fetch(_INSERT_REQUESTS, *columns) if values else []
+            spend: dict[str, float] = {}
+            for r in inserted:
+                if r["cost_usd"]:
+                    spend[r["key_id"]] = spend.get(r["key_id"], 0.0) + r["cost_usd"]
+            if spend:
+                await conn.executemany(
+                    "UPDATE keys SET spend_usd = spend_usd + $1 WHERE id = $2",
+                    [(cost, key_id) for key_id, cost in spend.items()],
+                )
+            if not keys:
                 return {}
-            await conn.executemany(
-                "UPDATE keys SET spend_usd = spend_usd + $1 WHERE id = $2",
-                [(cost, key_id) for key_id, cost in spend.items()],
-            )
             records = await conn.fetch(
-                "SELECT id, spend_usd FROM keys WHERE id = ANY($1::text[])", list(spend)
+                "SELECT id, spend_usd FROM keys WHERE id = ANY($1::text[])", keys
             )
         return {r["id"]: float(r["spend_usd"]) for r in records}
 
@@ -212,12 +263,17 @@ class PostgresStore:
         return _permanent(error)
 
     async def check(self) -> StoreCheck:
+        """O(1) in the ledger's size: the planner's row estimate (pg_class.reltuples,
+        kept by autovacuum) instead of COUNT(*), and one ``meta`` row written."""
         started = time.perf_counter()
         try:
             async with self.pool.acquire() as conn:
-                rows = await conn.fetchval("SELECT COUNT(*) FROM requests")
-                active = await conn.fetchval("SELECT COUNT(*) FROM keys WHERE revoked_at IS NULL")
-                size = await conn.fetchval("SELECT pg_total_relation_size('requests')")
+                row = await conn.fetchrow(
+                    "SELECT c.reltuples::bigint, pg_total_relation_size(c.oid), "
+                    "(SELECT COUNT(*) FROM keys WHERE revoked_at IS NULL) "
+                    "FROM pg_class c WHERE c.oid = 'requests'::regclass"
+                )
+                assert row is not None
                 writable, error = True, None
                 try:
                     await conn.execute(
@@ -226,18 +282,47 @@ class PostgresStore:
                         int(time.time()),
                     )
                 except asyncpg.PostgresError as exc:
-                    writable, error = False, str(exc)
+                    writable, error = False, redact_text(str(exc), self.url)
         except (OSError, asyncpg.PostgresError, ConnectionError) as exc:
-            return StoreCheck(ok=False, writable=False, latency_s=0.0, error=str(exc))
+            return StoreCheck(
+                ok=False, writable=False, latency_s=0.0, error=redact_text(str(exc), self.url)
+            )
         return StoreCheck(
             ok=True,
             writable=writable,
             latency_s=time.perf_counter() - started,
-            request_rows=int(rows),
-            active_keys=int(active),
-            size_bytes=int(size),
+            request_rows=max(int(row[0]), 0),  # -1: never analysed yet
+            active_keys=int(row[2]),
+            size_bytes=int(row[1]),
             error=error,
         )
+
+
+async def _status(conn: asyncpg.Connection) -> SchemaStatus:
+    tables = {
+        r[0]
+        for r in await conn.fetch(
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_schema = current_schema() AND table_name IN "
+            "('requests', 'schema_migrations')"
+        )
+    }
+    applied: tuple[tuple[int, str, float | None], ...] = ()
+    if "schema_migrations" in tables:
+        applied = tuple(
+            (int(r[0]), str(r[1]), float(r[2]))
+            for r in await conn.fetch(
+                "SELECT version, name, applied_at FROM schema_migrations ORDER BY version"
+            )
+        )
+    done = {v for v, _, _ in applied}
+    return SchemaStatus(
+        version=max(done, default=0),
+        latest=LATEST,
+        applied=applied,
+        pending=tuple((m.version, m.name) for m in pending(done)),
+        legacy="requests" in tables and "schema_migrations" not in tables,
+    )
 
 
 def _permanent(error: BaseException) -> bool:

@@ -1,5 +1,8 @@
 """The SQLite ledger store (the default): one file, WAL mode, one writer thread.
 
+The database file (and with it SQLite's -wal and -shm files, which copy its mode) is
+created 0600: the ledger holds every key's usage and spend.
+
 Every statement runs on one dedicated thread, so the event loop never blocks on disk
 and the connection is never shared between threads. Several workers (and the CLI)
 may open the same file: WAL lets readers proceed while one writes, and the busy
@@ -9,7 +12,9 @@ timeout queues writers instead of failing them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +29,9 @@ from daemon.ledger.base import (
     DayStats,
     DuplicateKeyName,
     GroupBy,
+    SchemaOutdated,
+    SchemaStatus,
+    SchemaTooNew,
     StoreCheck,
     UsageGroup,
     key_from_row,
@@ -31,54 +39,15 @@ from daemon.ledger.base import (
     spend_by_key,
     usage_row,
 )
+from daemon.ledger.migrations import (
+    LATEST,
+    VERSIONS_TABLE_SQLITE,
+    pending,
+    too_new_message,
+)
 from daemon.usage import Usage
 
 T = TypeVar("T")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS keys (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    key_hash TEXT NOT NULL UNIQUE,
-    prefix TEXT NOT NULL,
-    user_type TEXT NOT NULL,
-    rpm INTEGER,
-    tpm INTEGER,
-    budget_usd REAL,
-    models TEXT,
-    created_at REAL NOT NULL,
-    revoked_at REAL,
-    spend_usd REAL NOT NULL DEFAULT 0
-);
-CREATE UNIQUE INDEX IF NOT EXISTS keys_active_name ON keys(name) WHERE revoked_at IS NULL;
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta(name, value) VALUES ('keys_generation', 0);
-CREATE TABLE IF NOT EXISTS requests (
-    request_id TEXT NOT NULL,
-    ts REAL NOT NULL,
-    key_id TEXT NOT NULL,
-    user_type TEXT NOT NULL,
-    operation TEXT NOT NULL,
-    model TEXT NOT NULL,
-    provider TEXT NOT NULL,
-    upstream_model TEXT NOT NULL,
-    stream INTEGER NOT NULL,
-    status_code INTEGER NOT NULL,
-    error_type TEXT,
-    input_tokens INTEGER NOT NULL,
-    output_tokens INTEGER NOT NULL,
-    cached_tokens INTEGER NOT NULL,
-    reasoning_tokens INTEGER NOT NULL,
-    cost_usd REAL NOT NULL,
-    latency_s REAL NOT NULL,
-    upstream_latency_s REAL,
-    ttft_s REAL,
-    trace_id TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS requests_ts ON requests(ts);
-CREATE INDEX IF NOT EXISTS requests_key_ts ON requests(key_id, ts);
-CREATE INDEX IF NOT EXISTS requests_request_id ON requests(request_id);
-"""
 
 _INSERT_REQUEST = (
     f"INSERT INTO requests ({', '.join(REQUEST_COLUMNS)}) "
@@ -102,10 +71,23 @@ def parse_sqlite_url(url: str) -> tuple[Path, bool]:
 class SQLiteStore:
     kind = "sqlite"
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0, read_only: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_s: float = 5.0,
+        read_only: bool = False,
+        migrate: str = "apply",
+        migrate_timeout_s: float = 600.0,
+    ) -> None:
         self.path = path
         self.read_only = read_only
+        self.migrate_mode = "none" if read_only else migrate
+        self.migrate_timeout_s = migrate_timeout_s
         self.description = f"sqlite:{path}" + (" (read-only)" if read_only else "")
+        # The journal lives beside the database it protects (see daemon/ledger/journal.py).
+        self.journal_dir: Path | None = None if read_only else Path(f"{path}.journal")
+        self.applied_at_open: list[tuple[int, str]] = []
         self._identity: tuple[int, int] | None = None
         self._busy_timeout_s = busy_timeout_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatvault-sqlite")
@@ -141,12 +123,31 @@ class SQLiteStore:
                 ) from None
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(self.path)
             conn = sqlite3.connect(self.path, **options)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(SCHEMA)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                if self.migrate_mode == "apply":
+                    self.applied_at_open = _migrate(
+                        conn, self._busy_timeout_s, self.migrate_timeout_s
+                    )
+                elif self.migrate_mode == "check":
+                    _require_current(_status(conn))
+            except BaseException:
+                conn.close()
+                raise
         self._conn = conn
         self._identity = _identity(self.path)
+
+    async def schema_status(self) -> SchemaStatus:
+        return await self._run(_status)
+
+    async def migrate(self) -> list[tuple[int, str]]:
+        if self.read_only:
+            raise sqlite3.OperationalError(f"{self.path} is opened read-only: cannot migrate")
+        busy, limit = self._busy_timeout_s, self.migrate_timeout_s
+        return await self._run(lambda conn: _migrate(conn, busy, limit))
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -166,22 +167,36 @@ class SQLiteStore:
 
     async def write_requests(self, rows: Sequence[Usage]) -> dict[str, float]:
         values = [usage_row(u) for u in rows]
-        spend = spend_by_key(rows)
+        keys = list(spend_by_key(rows))
 
         def write(conn: sqlite3.Connection) -> dict[str, float]:
+            try:
+                # The common case: no row is stored yet, one executemany.
+                with _transaction(conn):
+                    conn.executemany(_INSERT_REQUEST, values)
+                    return _add_spend(conn, spend_by_key(rows), keys)
+            except sqlite3.IntegrityError as exc:
+                if "row_id" not in str(exc):
+                    raise
+            # A batch written before (its commit succeeded, the answer was lost; or a
+            # journal replay): insert only the rows not stored yet, and add only their spend.
             with _transaction(conn):
-                conn.executemany(_INSERT_REQUEST, values)
-                conn.executemany(
-                    "UPDATE keys SET spend_usd = spend_usd + ? WHERE id = ?",
-                    [(cost, key_id) for key_id, cost in spend.items()],
-                )
-                if not spend:
-                    return {}
-                marks = ", ".join("?" for _ in spend)
-                cur = conn.execute(
-                    f"SELECT id, spend_usd FROM keys WHERE id IN ({marks})", list(spend)
-                )
-                return {key_id: float(total) for key_id, total in cur.fetchall()}
+                ids = [u.row_id for u in rows]
+                stored: set[str] = set()
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i : i + 500]
+                    marks = ", ".join("?" for _ in chunk)
+                    cur = conn.execute(
+                        f"SELECT row_id FROM requests WHERE row_id IN ({marks})", chunk
+                    )
+                    stored.update(r[0] for r in cur.fetchall())
+                fresh = []
+                for u, v in zip(rows, values, strict=True):
+                    if u.row_id not in stored:
+                        stored.add(u.row_id)  # a row twice in one batch goes in once
+                        fresh.append((u, v))
+                conn.executemany(_INSERT_REQUEST, [v for _, v in fresh])
+                return _add_spend(conn, spend_by_key([u for u, _ in fresh]), keys)
 
         return await self._run(write)
 
@@ -284,6 +299,9 @@ class SQLiteStore:
     # -- health ---------------------------------------------------------------
 
     async def check(self) -> StoreCheck:
+        """O(1) in the ledger's size: the highest rowid (a b-tree edge, not a count) stands
+        for the row count, and the write probe touches one ``meta`` row."""
+
         def probe(conn: sqlite3.Connection) -> StoreCheck:
             started = time.perf_counter()
             if _identity(self.path) != self._identity:
@@ -294,20 +312,21 @@ class SQLiteStore:
                     latency_s=0.0,
                     error=f"{self.path} was replaced or removed while open; restart the daemon",
                 )
-            (rows,) = conn.execute("SELECT COUNT(*) FROM requests").fetchone()
+            (rows,) = conn.execute("SELECT MAX(rowid) FROM requests").fetchone()
             (active,) = conn.execute(
                 "SELECT COUNT(*) FROM keys WHERE revoked_at IS NULL"
             ).fetchone()
-            writable, error = True, None
-            try:
-                # A real write that leaves nothing behind.
-                with _transaction(conn):
-                    conn.execute(
-                        "INSERT OR REPLACE INTO meta(name, value) VALUES ('health_probe', ?)",
-                        (int(time.time()),),
-                    )
-            except sqlite3.Error as exc:
-                writable, error = False, str(exc)
+            writable, error = not self.read_only, None
+            if not self.read_only:
+                try:
+                    # A real write that leaves nothing behind.
+                    with _transaction(conn):
+                        conn.execute(
+                            "INSERT OR REPLACE INTO meta(name, value) VALUES ('health_probe', ?)",
+                            (int(time.time()),),
+                        )
+                except sqlite3.Error as exc:
+                    writable, error = False, str(exc)
             size = sum(
                 p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists()
             )
@@ -315,7 +334,7 @@ class SQLiteStore:
                 ok=True,
                 writable=writable,
                 latency_s=time.perf_counter() - started,
-                request_rows=int(rows),
+                request_rows=int(rows or 0),
                 active_keys=int(active),
                 size_bytes=size,
                 error=error,
@@ -334,7 +353,12 @@ class SQLiteStore:
 
 
 class _transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on error (the connection is in autocommit)."""
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on error (the connection is in autocommit).
+
+    A COMMIT that fails (disk full, I/O error, a deferred constraint) leaves SQLite's
+    transaction open; without the rollback every later write on this connection would
+    fail with "cannot start a transaction within a transaction".
+    """
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
@@ -343,7 +367,101 @@ class _transaction:
         self.conn.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type is not None:
+            _rollback(self.conn)
+            return
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            _rollback(self.conn)
+            raise
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _add_spend(
+    conn: sqlite3.Connection, spend: dict[str, float], keys: list[str]
+) -> dict[str, float]:
+    """Add ``spend`` (of the rows just inserted) and read back the totals of ``keys``
+    (every key with spend in the batch, inserted or not: the budget book wants them)."""
+    conn.executemany(
+        "UPDATE keys SET spend_usd = spend_usd + ? WHERE id = ?",
+        [(cost, key_id) for key_id, cost in spend.items()],
+    )
+    if not keys:
+        return {}
+    marks = ", ".join("?" for _ in keys)
+    cur = conn.execute(f"SELECT id, spend_usd FROM keys WHERE id IN ({marks})", keys)
+    return {key_id: float(total) for key_id, total in cur.fetchall()}
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (it would use the umask)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _status(conn: sqlite3.Connection) -> SchemaStatus:
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    applied: tuple[tuple[int, str, float | None], ...] = ()
+    if "schema_migrations" in tables:
+        applied = tuple(
+            (int(v), str(n), float(a))
+            for v, n, a in conn.execute(
+                "SELECT version, name, applied_at FROM schema_migrations ORDER BY version"
+            )
+        )
+    done = {v for v, _, _ in applied}
+    return SchemaStatus(
+        version=max(done, default=0),
+        latest=LATEST,
+        applied=applied,
+        pending=tuple((m.version, m.name) for m in pending(done)),
+        legacy="requests" in tables and "schema_migrations" not in tables,
+    )
+
+
+def _require_current(status: SchemaStatus) -> None:
+    if status.version > LATEST:
+        raise SchemaTooNew(too_new_message(status.version))
+    if status.pending:
+        raise SchemaOutdated(
+            f"{len(status.pending)} schema migration(s) pending (version {status.version}, "
+            f"this release needs {LATEST}): run `chatvault db migrate`"
+        )
+
+
+def _migrate(conn: sqlite3.Connection, busy_s: float, limit_s: float) -> list[tuple[int, str]]:
+    """Apply pending migrations in one IMMEDIATE transaction: a second process waits for
+    the lock (up to ``limit_s``), then finds nothing left to do."""
+    status = _status(conn)  # without the lock: the common case, nothing pending, stays cheap
+    if status.version > LATEST:
+        raise SchemaTooNew(too_new_message(status.version))
+    if not status.pending:
+        return []
+    conn.execute(f"PRAGMA busy_timeout = {int(limit_s * 1000)}")
+    try:
+        with _transaction(conn):
+            conn.execute(VERSIONS_TABLE_SQLITE)
+            done = {int(r[0]) for r in conn.execute("SELECT version FROM schema_migrations")}
+            if max(done, default=0) > LATEST:
+                raise SchemaTooNew(too_new_message(max(done)))
+            applied = []
+            for migration in pending(done):
+                for statement in migration.sqlite:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations(version, name, applied_at) VALUES (?, ?, ?)",
+                    (migration.version, migration.name, time.time()),
+                )
+                applied.append((migration.version, migration.name))
+            return applied
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_s * 1000)}")
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
