@@ -304,6 +304,26 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Setting
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def builtin_config(data_dir: Path, environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings used when there is no config file: the mock model, the SQLite ledger
+    in ``data_dir`` (absolute), no tracing (no collector can be assumed). The same
+    environment overrides apply as for a file."""
+    raw: dict[str, Any] = {
+        "data_dir": str(data_dir),
+        "ledger": {"url": "sqlite:///" + str(data_dir / "chatvault.db")},
+        "models": [
+            {
+                "name": "mock",
+                "provider": "mock",
+                "pricing": {"input_per_million": 0.15, "output_per_million": 0.60},
+            }
+        ],
+        "monitoring": {"tracing": {"enabled": False}},
+    }
+    _apply_environ(raw, os.environ if environ is None else environ)
+    return parse_config(raw, base=data_dir)
+
+
 def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
     server = raw.setdefault("server", {}) if isinstance(raw.get("server", {}), dict) else None
     if server is not None:
