@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from chatvault_cli import render
+from chatvault_cli import defaults, render
 from chatvault_cli.db import db_app
 from chatvault_cli.locate import default_config_path
 
@@ -35,6 +35,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(metrics_app, name="metrics")
 app.add_typer(traces_app, name="traces")
 app.add_typer(db_app, name="db")
+app.command("init")(defaults.init)
 
 # Exit codes of the commands that talk to a daemon (documented in the README).
 OK, DEGRADED, UNHEALTHY, UNREACHABLE, NOT_AUTHORIZED = 0, 1, 2, 3, 4
@@ -83,6 +84,8 @@ def _settings(config: Path | None) -> Any:
     """Load and validate the config, or exit 2 with the bad key's path."""
     from daemon.config import ConfigError, load_config
 
+    if defaults.uses_builtin(config, os.environ):
+        return defaults.builtin_settings(os.environ)
     path = config or default_config_path(os.environ)
     try:
         return load_config(path)
@@ -105,6 +108,8 @@ def serve(
 ) -> None:
     """Run the gateway in the foreground until SIGTERM or Ctrl-C."""
     settings = _settings(config)
+    if settings.source is None:  # the built-in default: say where its data and key are
+        defaults.announce(settings, os.environ)
     # The daemon manages prometheus_client's multiprocess directory itself (one per
     # daemon, for --workers > 1); an inherited one would mix other processes' values.
     # It must go before prometheus_client is imported.
