@@ -162,7 +162,7 @@ def usage_table(console: Console, by: str, rows: Sequence[dict[str, Any]], since
 
 def _usage_table(by: str, rows: Sequence[dict[str, Any]], since: str) -> Table:
     table = Table(title=Text(f"Usage since {since}, by {by}"), title_justify="left")
-    table.add_column(by)
+    table.add_column(by, no_wrap=by in ("day", "hour"))
     for column in ("requests", "errors", "input tokens", "output tokens", "cost"):
         table.add_column(column, justify="right")
     totals = [0, 0, 0, 0, 0.0]

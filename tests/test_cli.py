@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -469,3 +470,45 @@ def test_promtext_agrees_with_prometheus_clients_parser(healthy: Daemon) -> None
         sample.labels == {"a": 'q"uote', "b": "back\\slash", "c": "new\nline"}
         and sample.value == 2.5
     )
+
+
+def usage_cli(daemon: Daemon, *args: str, width: int = 200) -> Any:
+    return cli(
+        "usage", "--config", str(daemon.config_path), "--since", "1h", *args,
+        env={"COLUMNS": str(width)},
+    )  # fmt: skip
+
+
+def test_usage_by_day_draws_a_bar_chart_and_json_csv_are_unchanged(healthy: Daemon) -> None:
+    client_for(healthy.url).chat.completions.create(
+        model="mock", messages=[{"role": "user", "content": "chart me"}]
+    )
+    wait_for(lambda: ledger_rows(healthy.ledger_path))
+    table = usage_cli(healthy, "--by", "day")
+    assert table.returncode == 0, table.stderr
+    assert "Cost and tokens per day" in table.stdout and "█" in table.stdout
+    header = next(x for x in table.stdout.splitlines() if "Usage since" in x)
+    assert "Cost and tokens per day" in header  # beside the table on a wide terminal
+    (row,) = json.loads(usage_cli(healthy, "--by", "day", "--format", "json").stdout)
+    assert set(row) == {"day", "requests", "errors", "input_tokens", "output_tokens", "cost_usd"}
+    csv = usage_cli(healthy, "--by", "day", "--format", "csv").stdout.splitlines()
+    assert csv[0] == "day,requests,errors,input_tokens,output_tokens,cost_usd" and len(csv) == 2
+    assert "█" not in usage_cli(healthy, "--by", "model").stdout  # no time axis, no chart
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the ledger cannot group by hour yet: daemon/ledger needs 'hour' in GroupBy and "
+    "in both stores' _GROUP_EXPR (handed to the lead); strict, so it reports when that lands",
+)
+def test_usage_by_hour(healthy: Daemon) -> None:
+    client_for(healthy.url).chat.completions.create(
+        model="mock", messages=[{"role": "user", "content": "hourly"}]
+    )
+    wait_for(lambda: ledger_rows(healthy.ledger_path))
+    result = usage_cli(healthy, "--by", "hour")
+    assert result.returncode == 0, result.stderr
+    assert "Cost and tokens per hour" in result.stdout
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:00", result.stdout)
+    (row,) = json.loads(usage_cli(healthy, "--by", "hour", "--format", "json").stdout)
+    assert "hour" in row

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 from rich.console import Console
@@ -225,3 +226,114 @@ def test_smoke_results() -> None:
     )
     text = buffer.getvalue()
     assert "✓ health" in text and "✗ completion" in text and "FAIL: 1/2" in text
+
+
+# -- pictures: usage bar chart and top sparklines (recording console, fixed width) -------
+
+
+def recording(width: int) -> Console:
+    return Console(record=True, width=width, file=io.StringIO(), color_system=None)
+
+
+def usage_row(period: str, cost: float, tokens_in: int, tokens_out: int) -> dict[str, Any]:
+    return {
+        "day" if len(period) == 10 else "hour": period,
+        "requests": 3,
+        "errors": 0,
+        "input_tokens": tokens_in,
+        "output_tokens": tokens_out,
+        "cost_usd": cost,
+    }
+
+
+DAYS = [
+    usage_row("2026-01-01", 1.0, 8000, 2000),
+    usage_row("2026-01-03", 0.5, 4000, 1000),  # 2026-01-02 had no traffic
+    usage_row("2026-01-04", 0.001, 10, 0),
+]
+
+
+def test_usage_by_day_draws_bars_beside_the_table_when_wide() -> None:
+    c = recording(170)
+    render.usage_table(c, "day", DAYS, "7d")
+    text = c.export_text()
+    assert any("Usage since 7d" in x and "Cost and tokens per day" in x for x in text.splitlines())
+    assert re.search(rf"(?<!█)█{{{render.BAR_WIDTH}}}\s+\$1\.00 ", text)  # the busiest day
+    assert re.search(rf"(?<!█)█{{{render.BAR_WIDTH // 2}}}\s+\$0\.5000 ", text)  # half
+    assert "10.0k" in text and "5,000" in text  # tokens: in + out
+    # The quiet day is drawn, empty, between the others, in time order.
+    chart = text[text.index("Cost and tokens") :]
+    assert chart.index("2026-01-01") < chart.index("2026-01-02") < chart.index("2026-01-03")
+    assert "▏" in text  # a tiny day still shows
+
+
+def test_usage_chart_goes_below_the_table_when_narrow() -> None:
+    c = recording(80)
+    render.usage_table(c, "day", DAYS, "7d")
+    text = c.export_text()
+    lines = text.splitlines()
+    assert not any("Usage since" in x and "Cost and tokens" in x for x in lines)
+    assert text.index("total") < text.index("Cost and tokens per day")
+    assert max(len(x) for x in lines) <= 80
+
+
+def test_usage_by_hour_and_by_model() -> None:
+    c = recording(170)
+    hours = [
+        usage_row("2026-01-01 10:00", 0.2, 100, 100),
+        usage_row("2026-01-01 13:00", 0.4, 100, 300),
+    ]
+    render.usage_table(c, "hour", hours, "24h")
+    text = c.export_text()
+    assert "Cost and tokens per hour" in text
+    for hour in ("10:00", "11:00", "12:00", "13:00"):
+        assert f"2026-01-01 {hour}" in text, hour
+    c = recording(170)
+    render.usage_table(c, "model", [usage_row("2026-01-01", 0.2, 1, 1) | {"model": "m"}], "24h")
+    assert "Cost and tokens" not in c.export_text()  # no time axis, no chart
+
+
+def test_bar_lengths() -> None:
+    assert render.bar(1, 1, 8) == "█" * 8
+    assert render.bar(1, 2, 8) == "█" * 4
+    assert render.bar(1, 16, 1) == "▏" and render.bar(1, 1000, 8) == "▏"
+    assert render.bar(0, 1) == "" and render.bar(1, 0) == ""
+
+
+def test_sparkline_scales_from_zero_to_the_peak() -> None:
+    assert render.sparkline([0, 1, 2, 4], 6) == "  ▁▃▅█"
+    assert render.sparkline([0, 0], 3) == " ▁▁"
+    assert render.sparkline(list(range(40)), 4) == "▇███"  # only the last width values
+
+
+def test_top_view_draws_trends_over_the_watch_window() -> None:
+    from chatvault_cli.top import Trends
+
+    trends = Trends("model", size=8)
+    base = {
+        "tokens_in_per_s": 1.0,
+        "tokens_out_per_s": 1.0,
+        "error_rate": 0.0,
+        "p50_latency_s": 0.01,
+        "p95_latency_s": 0.02,
+        "p50_ttft_s": None,
+        "requests_total": 10,
+        "cost_total_usd": 0.1,
+    }
+    for rate in (1.0, 2.0, 4.0, 8.0):
+        rows = [
+            {**base, "model": "busy", "requests_per_s": rate, "cost_per_hour_usd": rate / 10},
+            {**base, "model": "idle", "requests_per_s": 0.0, "cost_per_hour_usd": 0.0},
+        ]
+        trends.add(rows)
+    c = recording(140)
+    c.print(render.top_view(rows, "model", {"url": "http://gw"}, 2, trends.view(), trend_width=8))
+    text = c.export_text()
+    assert "req/s trend" in text and "$/h trend" in text
+    (busy,) = [x for x in text.splitlines() if "busy" in x]
+    (idle,) = [x for x in text.splitlines() if "idle" in x]
+    assert busy.count("    ▂▃▅█") == 2  # req/s and $/h, right-aligned in the window
+    assert idle.count("    ▁▁▁▁") == 2
+    c = recording(140)
+    c.print(render.top_view(rows, "model", {"url": "http://gw"}, 2))
+    assert "trend" not in c.export_text()  # --once: one interval, nothing to draw
