@@ -1,7 +1,8 @@
-"""The OpenAI-compatible HTTP surface: thin handlers over ``Gateway``.
+"""The HTTP surface: handlers that translate HTTP in and out, and nothing more.
 
-Each handler authenticates, reads and validates the body, and hands the work to the
-gateway; every failure after authentication is still accounted for in the ledger.
+Model requests go to the pipeline (``daemon/pipeline.py``); the operational endpoints
+read the gateway's lifecycle, health and metrics. Errors are mapped to OpenAI's shape
+in one place, at the bottom of this file.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from daemon.errors import (
     error_response,
 )
 from daemon.gateway import Gateway
-from daemon.providers.base import StreamInfo, UpstreamCall
-from daemon.requests import parse_chat, parse_embeddings, parse_json_object, read_body
+from daemon.metrics import MetricsCollector
+from daemon.pipeline import Incoming, Stream
+from daemon.requests import read_body
 from daemon.streaming import EventStreamResponse
 
 JSON = "application/json"
@@ -42,49 +44,18 @@ def _json(payload: Any, headers: dict[str, str] | None = None) -> Response:
 
 
 async def _model_request(request: Request, operation: str) -> Response:
-    gw = _gateway(request)
-    assert gw.auth is not None
-    principal = await gw.auth.authenticate(request.headers.get("authorization"))
     state = request.scope["state"]
-    usage = gw.new_usage(state["request_id"], principal, operation, state.get("trace_id", ""))
-    request.scope["state"]["usage"] = usage
-    try:
-        body = parse_json_object(await read_body(request, gw.settings.server.max_body_bytes))
-        if operation == "chat":
-            params = parse_chat(body)
-            model, stream = params.model, params.stream
-        else:
-            model, stream = parse_embeddings(body), False
-        usage.model, usage.stream = model, stream
-        usage.known_model = gw.router.knows(model)
-        gw.check_accepting()
-        plan = gw.router.plan(model)
-        principal.require_model(model)
-        decision = await gw.admit(principal)
-        headers = dict(decision.headers)
-        call = UpstreamCall(operation=operation, body=body, stream=stream)
-        if not stream:
-            reply = await gw.complete(plan, call, usage)
-            gw.finish(usage)
-            return Response(reply.body, media_type=JSON, headers=headers)
-        # Ask upstream for usage even when the client did not, to count tokens; the
-        # relay drops that extra chunk again.
-        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        info = StreamInfo(
-            capture=gw.tracing is not None and gw.tracing.capture_content,
-            prompt_chars=prompt_chars(body),
-        )
-        events = await gw.open_stream(plan, call, usage, info)
-    except BaseException as exc:  # every authenticated request leaves a ledger row
-        gw.fail(usage, exc)
-        raise
-    return EventStreamResponse(gw.relay(events, info, usage, params.include_usage), headers)
-
-
-def prompt_chars(body: dict[str, Any]) -> int:
-    return sum(
-        len(m["content"]) for m in body.get("messages") or () if isinstance(m.get("content"), str)
+    incoming = Incoming(
+        authorization=request.headers.get("authorization"),
+        request_id=state["request_id"],
+        trace_id=state.get("trace_id", ""),
+        read_body=lambda limit: read_body(request, limit),
+        state=state,
     )
+    result = await _gateway(request).pipeline.run(operation, incoming)
+    if isinstance(result, Stream):
+        return EventStreamResponse(result.events, result.headers)
+    return Response(result.body, media_type=JSON, headers=result.headers)
 
 
 async def chat_completions(request: Request) -> Response:
@@ -107,7 +78,6 @@ def _model_entry(gw: Gateway, name: str) -> dict[str, Any]:
 
 async def list_models(request: Request) -> Response:
     gw = _gateway(request)
-    assert gw.auth is not None
     principal = await gw.auth.authenticate(request.headers.get("authorization"))
     data = [_model_entry(gw, name) for name in gw.router.names if principal.may_use(name)]
     return _json({"object": "list", "data": data})
@@ -115,7 +85,6 @@ async def list_models(request: Request) -> Response:
 
 async def retrieve_model(request: Request) -> Response:
     gw = _gateway(request)
-    assert gw.auth is not None
     principal = await gw.auth.authenticate(request.headers.get("authorization"))
     name = request.path_params["model"]
     if not gw.router.knows(name) or not principal.may_use(name):
@@ -129,7 +98,7 @@ async def livez(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     gw = _gateway(request)
-    state = gw.lifecycle.readiness(gw.health.database_ok)
+    state = gw.lifecycle.readiness(gw.probes.database_ok)
     return Response(
         orjson.dumps({"status": state}),
         status_code=200 if state == "ready" else 503,
@@ -139,26 +108,25 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     gw = _gateway(request)
-    assert gw.metrics is not None and gw.auth is not None
+    collector = gw.metrics
+    assert isinstance(collector, MetricsCollector)  # the route exists only when metrics are on
     if gw.settings.monitoring.metrics.require_auth:
         require_admin(gw, request)
     gw.sample_metrics()
+    accept = request.headers.get("accept", "")
     # Rendering (and, with several workers, reading their files) must not block the loop.
-    body, content_type = await asyncio.to_thread(
-        gw.metrics.exposition, request.headers.get("accept", "")
-    )
-    return Response(body, headers={"content-type": content_type})
+    body = await asyncio.to_thread(collector.get_metrics, accept)
+    return Response(body, headers={"content-type": collector.content_type(accept)})
 
 
 async def health(request: Request) -> Response:
     gw = _gateway(request)
-    assert gw.auth is not None
     admin = gw.auth.is_admin(request.headers.get("authorization"))
     if request.query_params.get("refresh", "").lower() in ("1", "true", "yes"):
         if not admin:
             raise PermissionDenied("refresh=true needs the admin key.", code="admin_key_required")
-        await gw.health.check_round()  # every probe in it is bounded by the probe timeout
-    body, status = gw.health.report(gw, detailed=admin)
+        await gw.probes.check_round()  # every probe in it is bounded by the probe timeout
+    body, status = gw.health.report(detailed=admin)
     return Response(
         orjson.dumps(body),
         status_code=status,
@@ -170,13 +138,13 @@ async def health(request: Request) -> Response:
 async def traces_status(request: Request) -> Response:
     gw = _gateway(request)
     require_admin(gw, request)
-    if gw.tracing is None:
+    status = gw.tracing.export_status
+    if status is None:
         return _json({"enabled": False})
-    return _json({"enabled": True, **gw.tracing.status.as_dict()})
+    return _json({"enabled": True, **status.as_dict()})
 
 
 def require_admin(gw: Gateway, request: Request) -> None:
-    assert gw.auth is not None
     header = request.headers.get("authorization")
     if gw.auth.is_admin(header):
         return

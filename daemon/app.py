@@ -3,10 +3,11 @@
     app = create_app(load_config(Path("config.yaml")))
     uvicorn.run(app)
 
-Edges are injected, so tests need no monkeypatching: ``clock`` (wall time for limits
-and timestamps), ``store`` and ``limiter``, ``environ`` (upstream keys, admin key, OTEL_* variables), ``registry``
-(the Prometheus registry; a fresh one per app by default, never the global one),
-``span_exporter`` (where spans go; default: OTLP as configured).
+Edges are injected, so tests need no monkeypatching: ``environ`` (upstream keys, the
+admin key, OTEL_* variables, PROMETHEUS_MULTIPROC_DIR: every read of the environment
+goes through it), ``clock`` (wall time for timestamps), ``store`` and ``quota`` (limits and budgets),
+``registry`` (the Prometheus registry; a fresh one per app by default, never the
+global one) and ``span_exporter`` (where spans go; default: OTLP as configured).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from starlette.middleware import Middleware
 
 from daemon import api
 from daemon.config import Settings
-from daemon.context import RequestContextMiddleware
 from daemon.gateway import Gateway
 from daemon.ledger.base import Store
-from daemon.limits import Limiter
-from daemon.metrics import MetricsCollector, MetricsMiddleware
-from daemon.tracing import Tracing, TracingMiddleware
+from daemon.metrics import AnyMetrics, MetricsCollector, NullMetrics
+from daemon.middleware.metrics import MetricsMiddleware
+from daemon.middleware.request_context import RequestContextMiddleware
+from daemon.middleware.tracing import TracingMiddleware
+from daemon.quota import Quota
+from daemon.tracing import Tracing
 
 
 def create_app(
@@ -37,21 +40,37 @@ def create_app(
     environ: Mapping[str, str] | None = None,
     clock: Callable[[], float] = time.time,
     store: Store | None = None,
-    limiter: Limiter | None = None,
+    quota: Quota | None = None,
     registry: CollectorRegistry | None = None,
     span_exporter: SpanExporter | None = None,
 ) -> Starlette:
     environ = os.environ if environ is None else environ
     tracing = Tracing.create(settings.monitoring.tracing, environ, span_exporter)
-    metrics = None
+    metrics: AnyMetrics = NullMetrics()
+    middleware = [
+        Middleware(
+            RequestContextMiddleware,
+            header=settings.server.request_id_header,
+            access_log=settings.server.access_log,
+        ),
+    ]
+    # Switched-off telemetry costs nothing per request: no middleware, no endpoint,
+    # and null objects for the code that records.
     if settings.monitoring.metrics.enabled:
-        metrics = MetricsCollector(registry if registry is not None else CollectorRegistry())
+        collector = MetricsCollector(
+            registry if registry is not None else CollectorRegistry(),
+            multiprocess_dir=environ.get("PROMETHEUS_MULTIPROC_DIR") or None,
+        )
+        middleware.append(Middleware(MetricsMiddleware, collector=collector))
+        metrics = collector
+    if isinstance(tracing, Tracing):
+        middleware.append(Middleware(TracingMiddleware, tracing=tracing))
     gateway = Gateway(
         settings,
         environ=environ,
         clock=clock,
         store=store,
-        limiter=limiter,
+        quota=quota,
         metrics=metrics,
         tracing=tracing,
     )
@@ -64,20 +83,8 @@ def create_app(
         finally:
             await gateway.stop()
 
-    middleware = [
-        Middleware(
-            RequestContextMiddleware,
-            header=settings.server.request_id_header,
-            access_log=settings.server.access_log,
-        ),
-    ]
-    if metrics is not None:
-        # Disabled metrics cost nothing: no middleware, no endpoint.
-        middleware.append(Middleware(MetricsMiddleware, collector=metrics))
-    if tracing is not None:
-        middleware.append(Middleware(TracingMiddleware, tracing=tracing))
     app = Starlette(
-        routes=api.routes(metrics_enabled=metrics is not None),
+        routes=api.routes(metrics_enabled=metrics.enabled),
         middleware=middleware,
         exception_handlers=api.exception_handlers,
         lifespan=lifespan,

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from daemon.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
 from daemon.keys import ADMIN_KEY_ID, KeyRecord, hash_key
 from daemon.ledger.base import Store
-from daemon.ledger.writer import SpendBook
 from daemon.limits import KeyLimits, take
 
 log = logging.getLogger("chatvault.auth")
@@ -92,14 +91,16 @@ class Authenticator:
         *,
         admin_key_hash: str,
         clock: Callable[[], float],
-        spend: SpendBook | None = None,
+        on_committed_spend: Callable[[dict[str, float]], None] = lambda totals: None,
+        on_revoked: Callable[[str], None] = lambda key_id: None,
         refresh_interval_s: float = 1.0,
         on_attempt: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.admin_key_hash = admin_key_hash
         self.clock = clock
-        self.spend = spend
+        self.on_committed_spend = on_committed_spend  # each key's spend the ledger has
+        self.on_revoked = on_revoked  # a key that was active is gone
         self.refresh_interval_s = refresh_interval_s
         self.on_attempt = on_attempt  # result: success | invalid | missing | revoked | error
         self._by_hash: dict[str, Principal] = {}
@@ -131,14 +132,16 @@ class Authenticator:
             records = await self.store.list_keys()
             by_hash = {r.key_hash: Principal.from_record(r) for r in records}
             by_hash[self.admin_key_hash] = ADMIN
+            gone = {p.key_id for p in self._by_hash.values()} - {p.key_id for p in by_hash.values()}
             self._by_hash = by_hash
             self._unknown.clear()
             self._generation = generation
-            if self.spend is not None:
-                self.spend.set_committed({r.id: r.spend_usd for r in records})
-        elif self.spend is not None:
-            # Other workers' committed spend.
-            self.spend.set_committed(await self.store.key_spend())
+            self.on_committed_spend({r.id: r.spend_usd for r in records})
+            for key_id in gone:
+                self.on_revoked(key_id)
+        else:
+            # Other workers' and replicas' committed spend.
+            self.on_committed_spend(await self.store.key_spend())
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -208,8 +211,7 @@ class Authenticator:
             return fresh, "success" if fresh is not None else "revoked"
         principal = Principal.from_record(record)
         self._by_hash[key_hash] = principal
-        if self.spend is not None:
-            self.spend.set_committed({record.id: record.spend_usd})
+        self.on_committed_spend({record.id: record.spend_usd})
         return principal, "success"
 
     def is_admin(self, authorization: str | None) -> bool:

@@ -80,6 +80,10 @@ class ModelConfig(_Strict):
     pricing: Pricing | None = None
     timeout_s: Positive | None = None
     mock: MockOptions = MockOptions()
+    # How /v1/responses reaches this deployment: "translate" to chat completions (any
+    # provider), or "native": passed through to the upstream's own POST /responses
+    # (OpenAI-compatible servers that implement it; stateful features then work).
+    responses_api: Literal["translate", "native"] = "translate"
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -87,6 +91,10 @@ class ModelConfig(_Strict):
             raise ValueError(f"model: required for provider {self.provider!r}")
         if self.provider in ("openai", "ollama") and not self.api_base:
             raise ValueError(f"api_base: required for provider {self.provider!r}")
+        if self.responses_api == "native" and self.provider not in ("openai", "ollama"):
+            raise ValueError(
+                "responses_api: 'native' needs an OpenAI-compatible provider (openai, ollama)"
+            )
         return self
 
     @property
@@ -137,9 +145,24 @@ class AuthConfig(_Strict):
     refresh_interval_s: Positive = 1.0  # how soon new and revoked keys take effect
 
 
+def _redis_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ValueError("not a Redis URL (redis://host:port/db)")
+    return value
+
+
 class LimitsConfig(_Strict):
-    backend: Literal["memory", "redis"] = "memory"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    backend: Literal["memory", "redis"] = "memory"  # memory: one process; redis: shared
+    redis_url: Annotated[str, AfterValidator(_redis_url)] = "redis://127.0.0.1:6379/0"
+    key_prefix: str = Field(default="chatvault", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    on_backend_error: Literal["deny", "allow"] = "deny"  # Redis unreachable: 503, or admit
+    backend_timeout_s: Positive = 0.25  # the longest a request waits for Redis
+    reservation_ttl_s: Positive = 900.0  # a reservation left by a dead replica expires
+    # The output a request without max_tokens is reserved for, per choice.
+    default_max_tokens: int = Field(default=4096, gt=0)
+    # Accepted so older configs still load; a spent budget does not come back in an
+    # hour, so 429s for budgets carry no Retry-After any more.
     budget_retry_after_s: int = Field(default=3600, gt=0)
 
 
@@ -164,9 +187,18 @@ class TracingConfig(_Strict):
     service_name: str = "chatvault"
     sample_ratio: float = Field(default=1.0, ge=0, le=1)
     capture_content: bool = False
+    # Content characters per message attribute of a span (capture_content only): bounds
+    # what a collector outage can hold in memory (max_queue_size spans of it).
+    max_content_chars: int = Field(default=16384, gt=0)
     user_id_header: str | None = "x-user-id"
     export_timeout_s: Positive = 5.0
     max_queue_size: int = Field(default=2048, gt=0)
+    # Continue a client's traceparent? Off: a client can neither force sampling nor
+    # choose the trace id in the ledger; its context is kept as a span link.
+    trust_incoming_context: bool = False
+    # Background work is told by the metrics; traced only on request.
+    trace_probes: bool = False
+    trace_ledger: bool = False
 
 
 class HealthConfig(_Strict):
@@ -283,7 +315,8 @@ def parse_config(raw: object, *, base: Path, source: Path | None = None) -> Sett
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate a config file. Raises ConfigError with the bad key's path.
 
-    ``environ`` supplies overrides: CHATVAULT_HOST, CHATVAULT_PORT, CHATVAULT_LEDGER_URL.
+    ``environ`` supplies overrides: CHATVAULT_HOST, CHATVAULT_PORT, CHATVAULT_LEDGER_URL,
+    CHATVAULT_REDIS_URL.
     """
     environ = os.environ if environ is None else environ
     try:
@@ -335,3 +368,7 @@ def _apply_environ(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
         ledger = raw.setdefault("ledger", {})
         if isinstance(ledger, dict):
             ledger["url"] = environ["CHATVAULT_LEDGER_URL"]
+    if "CHATVAULT_REDIS_URL" in environ:
+        limits = raw.setdefault("limits", {})
+        if isinstance(limits, dict):
+            limits["redis_url"] = environ["CHATVAULT_REDIS_URL"]

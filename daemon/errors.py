@@ -31,7 +31,6 @@ class GatewayError(Exception):
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
         error_type: str | None = None,
-        limit_type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -41,8 +40,6 @@ class GatewayError(Exception):
         if error_type is not None:
             self.error_type = error_type
         self.headers = dict(headers or {})
-        # Which limit refused the request (rpm, tpm, budget), for metrics and spans.
-        self.limit_type = limit_type
 
     def body(self) -> dict[str, object]:
         return {
@@ -103,12 +100,12 @@ class RateLimited(GatewayError):
 
 
 class BudgetExceeded(RateLimited):
+    """The key's budget cannot pay for this request: ``insufficient_quota`` when nothing
+    is left, ``budget_exceeded`` when the request's worst case does not fit what is."""
+
     error_type = "insufficient_quota"
     code = "insufficient_quota"
     kind = "budget_exceeded"
-
-    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message, headers=headers, limit_type="budget")
 
 
 class UpstreamError(GatewayError):

@@ -5,8 +5,10 @@ number): each key and limit has a "theoretical arrival time" ``tat``, the moment
 bucket would be full again. A limit of N per minute refills one unit every 60/N
 seconds and lets a burst of N through. The state is one float, the arithmetic is
 exact (``Retry-After`` is never longer than it must be), and the same functions serve
-the in-process store here and a shared (Redis) store. The functions are pure;
-``MemoryLimiter`` only keeps their state in a dict.
+the in-process store (``daemon/quota.py``) and, as a Lua script, the shared Redis store
+(``daemon/quota_redis.py``). The functions are pure. Time is a monotonic clock in one
+process and Redis' own clock when shared, never a local wall clock: a backward NTP
+step must not lock keys out.
 
 Tokens are known only after the upstream answers, so a token limit admits a request
 while the bucket has room and charges the actual tokens afterwards (a large answer can
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 MINUTE = 60.0
 _EPSILON = 1e-9
@@ -120,46 +121,3 @@ def decide(
         # A refused request uses nothing.
         return Decision(False, refused[0], refused[1], tuple(headers)), requests_tat
     return Decision(True, None, 0.0, tuple(headers)), new_requests_tat
-
-
-class Limiter(Protocol):
-    """Where the bucket states live: this process now, a shared store (Redis) for replicas."""
-
-    async def acquire(self, limits: KeyLimits, now: float) -> Decision: ...
-
-    def charge_tokens(self, key_id: str, tokens: int, now: float) -> None:
-        """Count tokens after the fact; never waits (a shared store does it in the background)."""
-        ...
-
-    async def aclose(self) -> None: ...
-
-
-class MemoryLimiter:
-    """Buckets in this process. With several workers each enforces the full limit on
-    its own share of the traffic; use the Redis limiter for one limit across them."""
-
-    def __init__(self) -> None:
-        self._requests: dict[str, float] = {}
-        self._tokens: dict[str, tuple[float, int]] = {}  # key -> (tat, tpm)
-
-    async def acquire(self, limits: KeyLimits, now: float) -> Decision:
-        if limits.rpm is None and limits.tpm is None:
-            return ALLOW
-        key = limits.key_id
-        tokens_tat = 0.0
-        if limits.tpm is not None:
-            tokens_tat = self._tokens.get(key, (0.0, limits.tpm))[0]
-            self._tokens[key] = (tokens_tat, limits.tpm)
-        decision, requests_tat = decide(limits, self._requests.get(key, 0.0), tokens_tat, now)
-        if limits.rpm is not None:
-            self._requests[key] = requests_tat
-        return decision
-
-    def charge_tokens(self, key_id: str, tokens: int, now: float) -> None:
-        state = self._tokens.get(key_id)
-        if state is not None and tokens > 0:  # only keys with a token limit have a bucket
-            tat, tpm = state
-            self._tokens[key_id] = (charge(tat, now, tokens, tpm), tpm)
-
-    async def aclose(self) -> None:
-        return None

@@ -1,4 +1,4 @@
-"""Prometheus metrics: the collector, its pure-ASGI middleware, and the exposition.
+"""Prometheus metrics: the collector, its metric table, and its null twin.
 
 ``MetricsCollector`` owns its ``CollectorRegistry`` (injected; never the process-wide
 default), so two apps in one process, and every test, see only their own series. All
@@ -7,10 +7,10 @@ the ledger stores, so the two cannot disagree.
 
     collector = MetricsCollector(CollectorRegistry())
     collector.record_usage(usage)
-    body, content_type = collector.exposition(accept_header)
+    body = collector.get_metrics(accept_header)
 
 With several worker processes, prometheus_client's multiprocess mode keeps each
-worker's values in a private directory and ``exposition`` sums them per scrape.
+worker's values in a private directory and ``get_metrics`` sums them per scrape.
 
 Labels are bounded sets (model, provider, user_type, token_type, status, endpoint
 template): never a key, a user, an IP or a raw path. A model name that is not in the
@@ -19,9 +19,7 @@ config is reported as ``unknown``, so clients cannot create series.
 
 from __future__ import annotations
 
-import os
 import platform
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -29,273 +27,70 @@ import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client import multiprocess as prom_multiprocess
 from prometheus_client.exposition import choose_encoder
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from daemon import __version__
-from daemon.context import StatusRecorder, route_template
-from daemon.health import RANK, overall
 from daemon.ledger.base import DayStats
+from daemon.metric_specs import SPECS
+from daemon.status import RANK, overall
 from daemon.trace_export import ExportStatus
 from daemon.usage import TokenCounts, Usage
 
-# GenAI semantic-convention bucket sets, extended where LLM calls run long.
-DURATION_BUCKETS = (
-    0.01,
-    0.02,
-    0.04,
-    0.08,
-    0.16,
-    0.32,
-    0.64,
-    1.28,
-    2.56,
-    5.12,
-    10.24,
-    20.48,
-    40.96,
-    81.92,
-    163.84,
-    327.68,
-)
-TTFT_BUCKETS = (
-    0.001,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-    30.0,
-    60.0,
-)
-TPOT_BUCKETS = (
-    0.001,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.4,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-)
-# The gateway's own time: sub-millisecond when healthy.
-OVERHEAD_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    1.0,
-)
-DB_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
 UNKNOWN = "unknown"
-# Routes that are not API traffic, kept out of the HTTP request metrics.
-_UNMEASURED = frozenset({"/metrics"})
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-
-
-def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 class MetricsCollector:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    enabled = True
+    # One attribute per entry of SPECS, typed for the code that records into them.
+    http_requests: Counter
+    http_duration: Histogram
+    in_flight: Gauge
+    tokens: Counter
+    cost: Counter
+    model_requests: Counter
+    request_duration: Histogram
+    upstream_latency: Histogram
+    ttft: Histogram
+    tpot: Histogram
+    overhead: Histogram
+    rate_limited: Counter
+    limits_fail_open: Counter
+    auth_attempts: Counter
+    db_duration: Histogram
+    ledger_queue: Gauge
+    ledger_rows: Counter
+    ledger_failures: Counter
+    ledger_dropped: Counter
+    active_keys: Gauge
+    requests_today: Gauge
+    spend_today: Gauge
+    trace_exported: Counter
+    trace_failures: Counter
+    trace_dropped: Counter
+    trace_queue: Gauge
+    trace_capacity: Gauge
+    trace_last_success: Gauge
+    upstream_up: Gauge
+    component_status: Gauge
+    cpu_seconds: Counter
+    memory: Gauge
+    start_time: Gauge
+    build_info: Gauge
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, multiprocess_dir: str | None = None
+    ) -> None:
         # `*_created` series double every counter's series in the text format and no
         # dashboard reads them; the library's switch for them is process-wide.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        self.multiprocess = multiprocess_dir() is not None
-        r = self.registry
-
-        def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
-            return Counter(name, doc, labels, registry=r)
-
-        def histogram(
-            name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]
-        ) -> Histogram:
-            return Histogram(name, doc, labels, registry=r, buckets=buckets)
-
-        def gauge(name: str, doc: str, labels: Sequence[str] = (), mode: str = "livesum") -> Gauge:
-            return Gauge(name, doc, labels, registry=r, multiprocess_mode=mode)  # type: ignore[arg-type]
-
-        model_labels = ("model", "provider")
-        # HTTP
-        self.http_requests = counter(
-            "chatvault_http_requests",
-            "HTTP requests answered, by route template and status code.",
-            ("method", "endpoint", "status_code"),
-        )
-        self.http_duration = histogram(
-            "chatvault_http_request_duration_seconds",
-            "HTTP request duration, until the last byte of the response (streams included).",
-            ("method", "endpoint"),
-            DURATION_BUCKETS,
-        )
-        self.in_flight = gauge(
-            "chatvault_http_requests_in_flight", "HTTP requests being served right now."
-        )
-        # Model requests (from the Usage record)
-        self.tokens = counter(
-            "chatvault_tokens_processed",
-            "Tokens processed, by token type (input, output, cached, reasoning). Cached is part of input; reasoning is part of output.",
-            ("model", "provider", "user_type", "token_type"),
-        )
-        self.cost = counter(
-            "chatvault_requests_cost",
-            "Cost of model requests in USD.",
-            ("model", "provider", "user_type"),
-        )
-        self.model_requests = counter(
-            "chatvault_model_requests",
-            "Model requests by outcome: status is success or the error kind.",
-            ("model", "provider", "status"),
-        )
-        self.request_duration = histogram(
-            "chatvault_model_request_duration_seconds",
-            "Model request duration as the client saw it, arrival to last byte; outcome is success or error.",
-            ("model", "provider", "user_type", "outcome"),
-            DURATION_BUCKETS,
-        )
-        self.upstream_latency = histogram(
-            "chatvault_upstream_latency_seconds",
-            "Time spent waiting on the upstream, whole stream included.",
-            model_labels,
-            DURATION_BUCKETS,
-        )
-        self.ttft = histogram(
-            "chatvault_time_to_first_token_seconds",
-            "Time from arrival to the first streamed token sent to the client.",
-            ("model", "provider", "user_type"),
-            TTFT_BUCKETS,
-        )
-        self.tpot = histogram(
-            "chatvault_time_per_output_token_seconds",
-            "Streaming decode time per output token after the first.",
-            model_labels,
-            TPOT_BUCKETS,
-        )
-        self.overhead = histogram(
-            "chatvault_gateway_overhead_seconds",
-            "The gateway's own share of a request: total duration minus upstream time.",
-            model_labels,
-            OVERHEAD_BUCKETS,
-        )
-        # Access control
-        self.rate_limited = counter(
-            "chatvault_rate_limit_violations",
-            "Requests refused by a limit: rpm, tpm or budget.",
-            ("limit_type", "user_type"),
-        )
-        self.auth_attempts = counter(
-            "chatvault_auth_attempts",
-            "Authentication attempts by method (bearer or none) and result.",
-            ("method", "result"),
-        )
-        # Ledger
-        self.db_duration = histogram(
-            "chatvault_db_query_duration_seconds",
-            "Ledger database operations.",
-            ("operation", "table"),
-            DB_BUCKETS,
-        )
-        self.ledger_queue = gauge(
-            "chatvault_ledger_queue_depth", "Ledger rows waiting to be written."
-        )
-        self.ledger_rows = counter("chatvault_ledger_rows_written", "Ledger rows written.")
-        self.ledger_failures = counter(
-            "chatvault_ledger_write_failures",
-            "Ledger batch writes that failed (their rows are kept and retried).",
-        )
-        self.ledger_dropped = counter(
-            "chatvault_ledger_rows_dropped", "Ledger rows dropped because the queue was full."
-        )
-        # Business gauges, refreshed from the ledger at a modest interval
-        self.active_keys = gauge(
-            "chatvault_active_keys", "API keys that are not revoked.", mode="max"
-        )
-        self.requests_today = gauge(
-            "chatvault_requests_today",
-            "Model requests in the ledger since midnight UTC.",
-            mode="max",
-        )
-        self.spend_today = gauge(
-            "chatvault_spend_today_usd", "Spend in the ledger since midnight UTC, USD.", mode="max"
-        )
-        # Span export
-        self.trace_exported = counter(
-            "chatvault_trace_spans_exported", "Spans the collector accepted."
-        )
-        self.trace_failures = counter(
-            "chatvault_trace_export_failures",
-            "Span export calls that failed (collector down, slow or refusing).",
-        )
-        self.trace_dropped = counter(
-            "chatvault_trace_spans_dropped", "Spans dropped because the export queue was full."
-        )
-        self.trace_queue = gauge("chatvault_trace_queue_size", "Spans waiting to be exported.")
-        self.trace_capacity = gauge(
-            "chatvault_trace_queue_capacity", "Capacity of the span export queue.", mode="max"
-        )
-        self.trace_last_success = gauge(
-            "chatvault_trace_last_success_timestamp_seconds",
-            "When spans were last exported, unix seconds (0: never).",
-            mode="max",
-        )
+        # With several workers, prometheus_client keeps each worker's values in files
+        # in this directory (it reads PROMETHEUS_MULTIPROC_DIR itself when values are
+        # created); the scrape sums them.
+        self.multiprocess_dir = multiprocess_dir
+        self.multiprocess = multiprocess_dir is not None
+        for spec in SPECS:
+            setattr(self, spec.attr, spec.build(self.registry))
         self._trace_seen = (0, 0, 0)
-        # Health, refreshed after each background check round
-        self.upstream_up = gauge(
-            "chatvault_upstream_up",
-            "1 when the upstream answered its last probe, 0 when not.",
-            ("upstream",),
-            mode="min",
-        )
-        self.component_status = gauge(
-            "chatvault_health_status",
-            "Health by component (and overall): 0 healthy, 1 degraded, 2 unhealthy.",
-            ("component",),
-            mode="max",
-        )
-        # Process
-        self.cpu_seconds = counter(
-            "chatvault_process_cpu_seconds", "CPU time used by the gateway's processes."
-        )
-        self.memory = gauge(
-            "chatvault_process_resident_memory_bytes", "Resident memory of the gateway's processes."
-        )
-        self.start_time = gauge(
-            "chatvault_process_start_time_seconds",
-            "Start time of the oldest gateway process, unix seconds.",
-            mode="min",
-        )
-        self.build_info = gauge(
-            "chatvault_build_info",
-            "Build information; the value is always 1.",
-            ("version", "python_version"),
-            mode="max",
-        )
         self.build_info.labels(__version__, platform.python_version()).set(1)
 
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -314,7 +109,7 @@ class MetricsCollector:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    # -- the seed's methods -------------------------------------------------------
+    # -- the public recording methods (operators' code and docs/metrics.md name them) -------------------------------------------------------
 
     def record_http_request(
         self, method: str, endpoint: str, status_code: int, duration: float
@@ -347,9 +142,18 @@ class MetricsCollector:
         self.requests_today.set(day.requests_today)
         self.spend_today.set(day.spend_today_usd)
 
-    def get_metrics(self) -> bytes:
-        body, _ = self.exposition("")
+    def get_metrics(self, accept: str = "") -> bytes:
+        """The scrape body, in the format the Accept header asks for (OpenMetrics or text).
+
+        Blocking (it may read the multiprocess files): call it from a thread.
+        """
+        encoder, _ = choose_encoder(accept)
+        body: bytes = encoder(self._scrape_registry())
         return body
+
+    @staticmethod
+    def content_type(accept: str = "") -> str:
+        return choose_encoder(accept)[1]
 
     # -- from the Usage record -----------------------------------------------------
 
@@ -383,6 +187,9 @@ class MetricsCollector:
 
     def record_rate_limit(self, limit_type: str, user_type: str) -> None:
         self._child(self.rate_limited, limit_type, user_type).inc()
+
+    def record_limits_fail_open(self) -> None:
+        self.limits_fail_open.inc()
 
     def record_db(self, operation: str, table: str, seconds: float) -> None:
         self._child(self.db_duration, operation, table).observe(seconds)
@@ -445,43 +252,62 @@ class MetricsCollector:
         if not self.multiprocess:
             return self.registry
         merged = CollectorRegistry()  # every worker's values, summed per series
-        prom_multiprocess.MultiProcessCollector(merged, path=multiprocess_dir())  # type: ignore[no-untyped-call]
+        prom_multiprocess.MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
         return merged
 
-    def exposition(self, accept: str) -> tuple[bytes, str]:
-        """The scrape body in the format the Accept header asks for (OpenMetrics or text).
 
-        Blocking (it may read the multiprocess files): call it from a thread.
-        """
-        encoder, content_type = choose_encoder(accept)
-        return encoder(self._scrape_registry()), content_type
+class NullMetrics:
+    """Metrics switched off: every recording method does nothing (opentelemetry's
+    no-op meter is the model), so the request path never asks whether metrics are on."""
+
+    enabled = False
+    multiprocess = False
+
+    def record_http_request(
+        self, method: str, endpoint: str, status_code: int, duration: float
+    ) -> None:
+        return None
+
+    def record_usage(self, u: Usage) -> None:
+        return None
+
+    def record_auth_attempt(self, result: str) -> None:
+        return None
+
+    def record_rate_limit(self, limit_type: str, user_type: str) -> None:
+        return None
+
+    def record_limits_fail_open(self) -> None:
+        return None
+
+    def record_db(self, operation: str, table: str, seconds: float) -> None:
+        return None
+
+    def batch_written(
+        self, rows: Sequence[Usage], seconds: float, totals: dict[str, float]
+    ) -> None:
+        return None
+
+    def batch_failed(self, rows: Sequence[Usage], seconds: float, error: BaseException) -> None:
+        return None
+
+    def sample_process(self) -> None:
+        return None
+
+    def sample_ledger(self, depth: int, dropped: int) -> None:
+        return None
+
+    def sample_tracing(self, status: ExportStatus) -> None:
+        return None
+
+    def sample_health(self, components: dict[str, str], upstreams: dict[str, bool | None]) -> None:
+        return None
+
+    async def update_business_metrics(self, stats: Callable[[], Awaitable[DayStats]]) -> None:
+        return None
+
+    def series_count(self) -> int:
+        return 0
 
 
-class MetricsMiddleware:
-    """Counts and times every HTTP request by route template; streams pass untouched."""
-
-    def __init__(self, app: ASGIApp, collector: MetricsCollector) -> None:
-        self.app = app
-        self.collector = collector
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if scope["path"] == "/metrics":  # the scrape itself is not traffic
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        in_flight = self.collector.in_flight
-        in_flight.inc()
-        recorder = StatusRecorder(send)
-        try:
-            await self.app(scope, receive, recorder)
-        finally:
-            in_flight.dec()
-            endpoint = route_template(scope)
-            if endpoint not in _UNMEASURED:
-                method = scope["method"] if scope["method"] in _METHODS else "OTHER"
-                self.collector.record_http_request(
-                    method, endpoint, recorder.status, time.perf_counter() - started
-                )
+AnyMetrics = MetricsCollector | NullMetrics

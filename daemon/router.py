@@ -9,33 +9,9 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-from daemon.config import ModelConfig
+from daemon.deployment import Deployment
 from daemon.errors import ModelNotFound
-from daemon.pricing import Price
-from daemon.providers.base import Provider
-
-
-@dataclass(eq=False, slots=True)
-class Deployment:
-    index: int  # position in config.yaml's models list
-    config: ModelConfig
-    provider: Provider
-    price: Price
-    problem: str | None = None  # why it cannot serve at all (e.g. its key is not set)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def provider_name(self) -> str:
-        return self.config.provider
-
-    @property
-    def upstream_model(self) -> str:
-        return self.config.upstream_model
 
 
 def order_candidates(

@@ -14,7 +14,6 @@ import contextlib
 import gc
 import logging
 import logging.config
-import multiprocessing
 import os
 import shutil
 import signal
@@ -24,22 +23,20 @@ import threading
 from collections.abc import Generator, Mapping
 from pathlib import Path
 from types import FrameType
+from typing import cast
 
 import psutil
 import uvicorn
-from prometheus_client import multiprocess as prom_multiprocess
 
 from daemon.app import create_app
 from daemon.config import Settings
-from daemon.gateway import Lifecycle
 from daemon.ledger import open_store
+from daemon.lifecycle import Lifecycle
 from daemon.logs import logging_config
 from daemon.state import ensure_admin_key
+from daemon.supervisor import STARTUP_FAILURE, Supervisor
 
 log = logging.getLogger("chatvault.server")
-
-STARTUP_FAILURE = 3
-_RESTART_LIMIT = 5
 
 
 class StartupError(Exception):
@@ -122,7 +119,8 @@ def _uvicorn_config(settings: Settings) -> tuple[uvicorn.Config, Lifecycle]:
         lifespan="on",
         access_log=False,  # the app writes its own JSON access line
         log_config=logging_config(),
-        timeout_graceful_shutdown=int(settings.server.drain_timeout_s),
+        # uvicorn types this as int, but waits with it as a float: 0.5 s must stay 0.5 s.
+        timeout_graceful_shutdown=cast(int, settings.server.drain_timeout_s),
         server_header=False,
         proxy_headers=False,
     )
@@ -151,6 +149,12 @@ def serve(settings: Settings, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
     logging.config.dictConfig(logging_config())
     preflight(settings, environ)
+    if settings.server.workers > 1 and settings.limits.backend == "memory":
+        raise StartupError(
+            f"--workers {settings.server.workers} with limits.backend: memory would give each "
+            "worker its own rate limits and budgets (each key would get N times its limits); "
+            "set limits.backend: redis to share them (docs/scaling.md), or run one worker"
+        )
     host, port, workers = settings.server.host, settings.server.port, settings.server.workers
     sock = bind(host, port)
     log.info(
@@ -192,61 +196,13 @@ def _supervise(settings: Settings, sock: socket.socket, workers: int) -> int:
     # Inherited by the spawned workers: their counters land in mp_dir, summed per scrape.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mp_dir)
     try:
-        return _run_workers(settings, sock, workers, mp_dir)
+        return Supervisor(
+            target=run_worker,
+            args=(settings, sock),
+            workers=workers,
+            drain_timeout_s=settings.server.drain_timeout_s,
+            metrics_dir=mp_dir,
+        ).run()
     finally:
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         shutil.rmtree(mp_dir, ignore_errors=True)
-
-
-def _run_workers(settings: Settings, sock: socket.socket, workers: int, mp_dir: Path) -> int:
-    ctx = multiprocessing.get_context("spawn")
-    stopping = threading.Event()
-    received: list[int] = []
-
-    def on_signal(sig: int, frame: FrameType | None) -> None:
-        received.append(sig)
-        stopping.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def start() -> multiprocessing.process.BaseProcess:
-        process = ctx.Process(target=run_worker, args=(settings, sock), name="chatvault-worker")
-        process.start()
-        return process
-
-    processes = [start() for _ in range(workers)]
-    restarts = 0
-    status = 0
-    try:
-        while not stopping.wait(0.5):
-            for i, process in enumerate(processes):
-                if process.is_alive():
-                    continue
-                if process.exitcode == STARTUP_FAILURE or restarts >= _RESTART_LIMIT:
-                    log.error("worker %s failed (exit %s); stopping", process.pid, process.exitcode)
-                    status = STARTUP_FAILURE
-                    stopping.set()
-                    break
-                restarts += 1
-                log.warning("worker %s died (exit %s); restarting", process.pid, process.exitcode)
-                if process.pid is not None:
-                    prom_multiprocess.mark_process_dead(process.pid, str(mp_dir))  # type: ignore[no-untyped-call]
-                processes[i] = start()
-    finally:
-        for process in processes:
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGTERM)
-        deadline = settings.server.drain_timeout_s + 15
-        for process in processes:
-            process.join(deadline)
-            if process.is_alive():
-                log.error("worker %s did not stop in time; killing it", process.pid)
-                process.kill()
-                process.join()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    # A worker still starting when SIGTERM came dies of it: it had nothing in flight.
-    clean = (0, -signal.SIGTERM)
-    if status == 0 and any(p.exitcode not in clean for p in processes):
-        status = 1
-    return status

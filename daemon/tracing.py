@@ -1,56 +1,41 @@
 """OpenTelemetry tracing: one SERVER span per request, one CLIENT span per upstream attempt.
 
 ``Tracing`` owns a ``TracerProvider`` per app (never the global one), its exporter
-and its export status. The standard ``OTEL_*`` variables override config.yaml, as
-operators expect in containers. When tracing is off there is no ``Tracing`` object
-at all: no middleware, no spans, nothing per request.
+and its export status. When tracing is off the app gets ``NullTracing`` instead (the
+OpenTelemetry API's no-op tracer is the model): the same methods, spans that record
+nothing, so the request path never asks whether tracing is on. The settings come from
+config.yaml and the OTEL_* variables (``daemon/otel_env.py``).
 
 Upstream spans follow the OpenTelemetry GenAI semantic conventions (``chat {model}``,
 ``gen_ai.*`` attributes), and the traceparent sent upstream names that span. Prompt
 and completion text is recorded only with ``monitoring.tracing.capture_content``.
 
     tracing = Tracing.create(settings.monitoring.tracing, environ)
-    app = TracingMiddleware(app, tracing)
-    span = instrument_chat_completion(tracing, usage, deployment, call)
+    span = instrument_chat_completion(tracing, usage, provider=..., ...)
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import orjson
-from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
-from opentelemetry.sdk.trace.sampling import (
-    ALWAYS_OFF,
-    ALWAYS_ON,
-    ParentBased,
-    Sampler,
-    TraceIdRatioBased,
-)
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from daemon import __version__
 from daemon.config import TracingConfig
-from daemon.context import StatusRecorder, route_template
+from daemon.otel_env import TraceSettings, resolve
 from daemon.otlp import GrpcSpanExporter, HttpSpanExporter
 from daemon.trace_export import ExportingSpanProcessor, ExportStatus
 from daemon.usage import Usage
 
-log = logging.getLogger("chatvault.tracing")
-
-UNTRACED = frozenset({"/metrics", "/livez", "/readyz", "/health"})
-_TRUE = ("true", "1", "yes", "on")
 # gen_ai.request.* attributes from the OpenAI request parameters.
 _REQUEST_PARAMS = {
     "temperature": "gen_ai.request.temperature",
@@ -72,113 +57,6 @@ _PROVIDER_NAMES = {
 }
 
 
-@dataclass(frozen=True)
-class TraceSettings:
-    """Config merged with the OTEL_* environment."""
-
-    enabled: bool
-    endpoint: str
-    protocol: str  # grpc | http/protobuf
-    headers: dict[str, str]
-    service_name: str
-    resource_attributes: dict[str, str]
-    sampler: Sampler
-    capture_content: bool
-    user_id_header: bytes | None
-    export_timeout_s: float
-    max_queue_size: int
-    schedule_delay_s: float
-    max_batch_size: int
-
-
-def _pairs(value: str) -> dict[str, str]:
-    """``k1=v1,k2=v2`` (values URL-encoded), as OTEL_*_HEADERS and OTEL_RESOURCE_ATTRIBUTES."""
-    out = {}
-    for item in value.split(","):
-        key, sep, val = item.partition("=")
-        if sep and key.strip():
-            out[key.strip()] = unquote(val.strip())
-    return out
-
-
-def _sampler(name: str | None, arg: str | None, default_ratio: float) -> Sampler:
-    ratio = default_ratio
-    if arg:
-        try:
-            ratio = min(max(float(arg), 0.0), 1.0)
-        except ValueError:
-            log.warning("OTEL_TRACES_SAMPLER_ARG=%r is not a number; using %s", arg, ratio)
-    samplers: dict[str, Sampler] = {
-        "always_on": ALWAYS_ON,
-        "always_off": ALWAYS_OFF,
-        "traceidratio": TraceIdRatioBased(ratio),
-        "parentbased_always_on": ParentBased(ALWAYS_ON),
-        "parentbased_always_off": ParentBased(ALWAYS_OFF),
-        "parentbased_traceidratio": ParentBased(TraceIdRatioBased(ratio)),
-    }
-    if name:
-        if name in samplers:
-            return samplers[name]
-        log.warning("OTEL_TRACES_SAMPLER=%r is not supported; using parentbased_traceidratio", name)
-    return ParentBased(TraceIdRatioBased(ratio)) if ratio < 1.0 else ParentBased(ALWAYS_ON)
-
-
-def _positive(environ: Mapping[str, str], name: str, default: float) -> float:
-    try:
-        value = float(environ[name])
-    except (KeyError, ValueError):
-        return default
-    return value if value > 0 else default
-
-
-def resolve(config: TracingConfig, environ: Mapping[str, str]) -> TraceSettings:
-    """The effective settings: OTEL_* variables win over the config file."""
-    e = environ
-    enabled = config.enabled and e.get("OTEL_SDK_DISABLED", "").strip().lower() not in _TRUE
-    protocol = (
-        e.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or e.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or config.protocol
-    ).strip()
-    if protocol not in ("grpc", "http/protobuf"):
-        log.warning("OTLP protocol %r is not supported; using grpc", protocol)
-        protocol = "grpc"
-    endpoint = e.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    if not endpoint:
-        endpoint = e.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        if endpoint and protocol == "http/protobuf":
-            endpoint = endpoint.rstrip("/") + "/v1/traces"  # the spec appends the signal path
-    if not endpoint:
-        endpoint = config.endpoint
-        if protocol == "http/protobuf" and not urlsplit(endpoint).path.strip("/"):
-            endpoint = endpoint.rstrip("/") + "/v1/traces"
-    headers = dict(config.headers)
-    headers.update(_pairs(e.get("OTEL_EXPORTER_OTLP_HEADERS", "")))
-    headers.update(_pairs(e.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "")))
-    resource = _pairs(e.get("OTEL_RESOURCE_ATTRIBUTES", ""))
-    service = (
-        e.get("OTEL_SERVICE_NAME") or resource.pop("service.name", None) or config.service_name
-    )
-    return TraceSettings(
-        enabled=enabled,
-        endpoint=endpoint,
-        protocol=protocol,
-        headers=headers,
-        service_name=service,
-        resource_attributes=resource,
-        sampler=_sampler(
-            e.get("OTEL_TRACES_SAMPLER"), e.get("OTEL_TRACES_SAMPLER_ARG"), config.sample_ratio
-        ),
-        capture_content=config.capture_content,
-        user_id_header=config.user_id_header.lower().encode() if config.user_id_header else None,
-        export_timeout_s=_positive(e, "OTEL_BSP_EXPORT_TIMEOUT", config.export_timeout_s * 1000)
-        / 1000,
-        max_queue_size=int(_positive(e, "OTEL_BSP_MAX_QUEUE_SIZE", config.max_queue_size)),
-        schedule_delay_s=_positive(e, "OTEL_BSP_SCHEDULE_DELAY", 1000) / 1000,
-        max_batch_size=int(_positive(e, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)),
-    )
-
-
 def _exporter(s: TraceSettings) -> SpanExporter:
     if s.protocol == "http/protobuf":
         return HttpSpanExporter(s.endpoint, headers=s.headers, timeout_s=s.export_timeout_s)
@@ -186,6 +64,8 @@ def _exporter(s: TraceSettings) -> SpanExporter:
 
 
 class Tracing:
+    enabled = True
+
     def __init__(self, settings: TraceSettings, exporter: SpanExporter) -> None:
         self.settings = settings
         self.status = ExportStatus(settings.endpoint, settings.protocol, settings.max_queue_size)
@@ -212,11 +92,18 @@ class Tracing:
     @classmethod
     def create(
         cls, config: TracingConfig, environ: Mapping[str, str], exporter: SpanExporter | None = None
-    ) -> Tracing | None:
+    ) -> Tracing | NullTracing:
         settings = resolve(config, environ)
         if not settings.enabled:
-            return None
+            return NullTracing()
         return cls(settings, exporter or _exporter(settings))
+
+    @property
+    def export_status(self) -> ExportStatus | None:
+        return self.status
+
+    def force_flush(self) -> None:
+        self.processor.force_flush()
 
     def shutdown(self) -> None:
         self.provider.shutdown()
@@ -226,13 +113,36 @@ class Tracing:
         self.propagator.inject(carrier, context=trace.set_span_in_context(span))
 
 
+class NullTracing:
+    """Tracing switched off: a no-op tracer, nothing exported, nothing to flush."""
+
+    enabled = False
+    capture_content = False
+    export_status: ExportStatus | None = None
+
+    def __init__(self) -> None:
+        self.tracer: trace.Tracer = trace.NoOpTracer()
+
+    def shutdown(self) -> None:
+        return None
+
+    def force_flush(self) -> None:
+        return None
+
+    def inject(self, span: Span, carrier: dict[str, str]) -> None:
+        return None
+
+
+AnyTracing = Tracing | NullTracing
+
+
 def start_span(
     tracer: trace.Tracer,
     name: str,
     *,
     kind: SpanKind,
     attributes: Mapping[str, Any],
-    context: otel_context.Context | None = None,
+    context: Context | None = None,
 ) -> Span:
     """Start a span, then set its attributes in one call.
 
@@ -245,11 +155,11 @@ def start_span(
     return span
 
 
-# -- the seed's instrumentation functions -------------------------------------------
+# -- instrumentation, one function per kind of work -------------------------------------------
 
 
 def instrument_external_api_call(
-    tracing: Tracing,
+    tracing: AnyTracing,
     name: str,
     *,
     server_address: str | None,
@@ -269,7 +179,7 @@ def instrument_external_api_call(
 
 
 def instrument_chat_completion(
-    tracing: Tracing,
+    tracing: AnyTracing,
     usage: Usage,
     *,
     provider: str,
@@ -381,12 +291,9 @@ def instrument_rate_limiting(
 
 @contextmanager
 def instrument_database_operation(
-    tracing: Tracing | None, operation: str, table: str, *, system: str, rows: int | None = None
-) -> Iterator[Span | None]:
+    tracing: AnyTracing, operation: str, table: str, *, system: str, rows: int | None = None
+) -> Iterator[Span]:
     """A CLIENT span around a ledger operation (the writer's batches)."""
-    if tracing is None:
-        yield None
-        return
     attrs: dict[str, Any] = {
         "db.system.name": system,
         "db.operation.name": operation,
@@ -405,64 +312,3 @@ def instrument_database_operation(
         raise
     finally:
         span.end()
-
-
-# -- the middleware ---------------------------------------------------------------------
-
-
-class TracingMiddleware:
-    """One SERVER span per request, continuing an incoming W3C traceparent."""
-
-    def __init__(self, app: ASGIApp, tracing: Tracing) -> None:
-        self.app = app
-        self.tracing = tracing
-        self.tracer = tracing.tracer
-        self.user_header = tracing.settings.user_id_header
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in UNTRACED:
-            await self.app(scope, receive, send)
-            return
-        carrier: dict[str, str] = {}
-        attrs: dict[str, Any] = {
-            "http.request.method": scope["method"],
-            "url.path": scope["path"],
-            "url.scheme": scope.get("scheme", "http"),
-        }
-        for name, value in scope["headers"]:
-            if name == b"traceparent" or name == b"tracestate":
-                carrier[name.decode()] = value.decode("latin-1")
-            elif name == b"user-agent":
-                attrs["user_agent.original"] = value.decode("latin-1")
-            elif name == self.user_header:
-                attrs["user.id"] = value.decode("latin-1")[:256]
-        client = scope.get("client")
-        if client:
-            attrs["client.address"] = client[0]
-        parent = self.tracing.propagator.extract(carrier) if carrier else None
-        span = start_span(
-            self.tracer, scope["method"], context=parent, kind=SpanKind.SERVER, attributes=attrs
-        )
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
-        state = scope.setdefault("state", {})
-        state["trace_id"] = format(span.get_span_context().trace_id, "032x")
-        recorder = StatusRecorder(send)
-        try:
-            await self.app(scope, receive, recorder)
-        except BaseException as exc:
-            span.set_attribute("error.type", type(exc).__name__)
-            raise
-        finally:
-            if span.is_recording():
-                status_code = recorder.status
-                route = route_template(scope)
-                end: dict[str, Any] = {"http.response.status_code": status_code}
-                if route != "unmatched":
-                    span.update_name(f"{scope['method']} {route}")
-                    end["http.route"] = route
-                if status_code >= 500:
-                    span.set_status(Status(StatusCode.ERROR))
-                    end["error.type"] = str(status_code)
-                span.set_attributes(end)
-            span.end()
-            otel_context.detach(token)

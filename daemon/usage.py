@@ -98,7 +98,10 @@ class Usage:
     perf_start: float = 0.0
     deployment_index: int = -1
     upstream_span: Any = None
+    quota_ticket: Any = None  # what admission reserved, settled when the request ends
     output_text: str | None = None
+    output_body: bytes | None = None  # a non-streamed reply, kept for its span (capture_content)
+    attempt_started: float = 0.0  # perf_counter() when the serving attempt began (span timings)
     finished: bool = False  # accounted once, whatever path ends the request
     # Read back from a journal left by an earlier process: its spend was never pending
     # in this process's budget book.

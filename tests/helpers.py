@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,20 @@ def base_config(port: int = 0, **overrides: Any) -> dict[str, Any]:
     }
     config.update(overrides)
     return config
+
+
+REDIS_URL = os.environ.get("CHATVAULT_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def shared_limits(**extra: Any) -> dict[str, Any]:
+    """limits: for a test that shares them through the machine's Redis, under a key
+    prefix of its own so that tests never see each other's counters."""
+    return {
+        "backend": "redis",
+        "redis_url": REDIS_URL,
+        "key_prefix": f"cvtest-{uuid.uuid4().hex[:12]}",
+        **extra,
+    }
 
 
 class ServerThread:

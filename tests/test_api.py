@@ -12,7 +12,7 @@ import pytest
 
 from chatvault_cli import offline
 from daemon.config import Settings
-from daemon.limits import Decision, KeyLimits, MemoryLimiter
+from daemon.quota import Admitted, Ask, MemoryQuota
 from tests.conftest import MakeClient
 from tests.fakes import Upstream, openai_upstream
 from tests.helpers import ADMIN_KEY, ServerThread, base_config, ledger_rows, wait_for
@@ -354,17 +354,17 @@ def test_embeddings(make_client: MakeClient, admin_headers: dict[str, str]) -> N
     )
 
 
-class _BrokenLimiter(MemoryLimiter):
+class _BrokenQuota(MemoryQuota):
     """A limit store that fails in a way the gateway does not expect (a bug, as far as it knows)."""
 
-    async def acquire(self, limits: KeyLimits, now: float) -> Decision:
+    async def admit(self, ask: Ask) -> Admitted:
         raise ZeroDivisionError("secret internal detail")
 
 
 def test_unexpected_error_is_a_generic_500_without_internals(
     tmp_path: Path, make_client: MakeClient, admin_headers: dict[str, str]
 ) -> None:
-    client = make_client(limiter=_BrokenLimiter())
+    client = make_client(quota=_BrokenQuota())
     r = client.post(CHAT, json=chat_body(), headers=admin_headers)
     error = assert_openai_error(r, 500)
     assert "secret" not in r.text and "ZeroDivision" not in r.text

@@ -51,7 +51,7 @@ def fresh(client: Any) -> tuple[int, dict[str, Any]]:
     return r.status_code, r.json()
 
 
-def test_healthy_body_has_the_seed_shape(make_client: MakeClient) -> None:
+def test_healthy_body_has_the_documented_shape(make_client: MakeClient) -> None:
     client = make_client(config())
     status, body = fresh(client)
     assert status == 200 and body["status"] == "healthy"

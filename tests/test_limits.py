@@ -6,13 +6,13 @@ import pytest
 
 from daemon.limits import (
     KeyLimits,
-    MemoryLimiter,
     admit_while_under,
     charge,
     decide,
     format_duration,
     take,
 )
+from daemon.quota import Ask, MemoryQuota
 
 
 def run(limit: int, times: list[float]) -> list[bool]:
@@ -100,17 +100,15 @@ def test_reset_durations_use_openai_format(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
 
 
-async def _acquire_many(
-    limiter: MemoryLimiter, limits: KeyLimits, n: int, now: float
-) -> list[bool]:
-    return [(await limiter.acquire(limits, now)).allowed for _ in range(n)]
+async def _acquire_many(quota: MemoryQuota, limits: KeyLimits, n: int) -> list[bool]:
+    return [(await quota.admit(Ask(limits, None))).allowed for _ in range(n)]
 
 
 def test_memory_limiter_keeps_keys_apart() -> None:
     import asyncio
 
-    limiter = MemoryLimiter()
+    quota = MemoryQuota(clock=lambda: 0.0)
     a, b = KeyLimits("a", rpm=2), KeyLimits("b", rpm=2)
-    assert asyncio.run(_acquire_many(limiter, a, 3, 0.0)) == [True, True, False]
-    assert asyncio.run(_acquire_many(limiter, b, 2, 0.0)) == [True, True]
-    assert asyncio.run(_acquire_many(limiter, KeyLimits("c"), 50, 0.0)) == [True] * 50
+    assert asyncio.run(_acquire_many(quota, a, 3)) == [True, True, False]
+    assert asyncio.run(_acquire_many(quota, b, 2)) == [True, True]
+    assert asyncio.run(_acquire_many(quota, KeyLimits("c"), 50)) == [True] * 50

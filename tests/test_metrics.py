@@ -27,6 +27,7 @@ from tests.helpers import (
     free_port,
     ledger_rows,
     running,
+    shared_limits,
     wait_for,
     write_config,
 )
@@ -296,7 +297,7 @@ def test_disabled_metrics_remove_the_endpoint_and_the_middleware(make_client: Ma
     )
     assert client.get("/metrics", headers=ADMIN).status_code == 404
     gateway = client.app.state.gateway  # type: ignore[attr-defined]
-    assert gateway.metrics is None
+    assert not gateway.metrics.enabled
     assert (
         client.post(
             "/v1/chat/completions",
@@ -329,8 +330,11 @@ def _run_traffic(url: str, n: int) -> None:
 
 
 def test_workers_are_summed_in_one_scrape_and_two_daemons_do_not_mix(tmp_path: Path) -> None:
-    a = Daemon(write_config(tmp_path / "a", base_config(port=free_port())), args=("--workers", "2"))
-    b = Daemon(write_config(tmp_path / "b", base_config(port=free_port())), args=("--workers", "2"))
+    def config(name: str) -> Path:
+        return write_config(tmp_path / name, base_config(port=free_port(), limits=shared_limits()))
+
+    a = Daemon(config("a"), args=("--workers", "2"))
+    b = Daemon(config("b"), args=("--workers", "2"))
     with a, b:
         _run_traffic(a.url, 48)
         _run_traffic(b.url, 16)

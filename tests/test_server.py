@@ -24,6 +24,7 @@ from tests.helpers import (
     free_port,
     ledger_rows,
     running,
+    shared_limits,
     wait_for,
     write_config,
 )
@@ -370,7 +371,7 @@ def test_generated_admin_key_is_written_owner_only(tmp_path: Path) -> None:
 
 
 def test_two_workers_serve_and_drain(tmp_path: Path) -> None:
-    path = write_config(tmp_path, base_config(port=free_port()))
+    path = write_config(tmp_path, base_config(port=free_port(), limits=shared_limits()))
     with Daemon(path, args=("--workers", "2")) as daemon:
         client = client_for(daemon.url)
         results: list[bool] = []

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from daemon.providers.base import StreamInfo
-from daemon.providers.sse import EventSplitter, observe
+from daemon.providers.sse import EventSplitter
+from daemon.relay import StreamTally, observe
 
 
 def event(payload: Any, spaced: bool = False) -> bytes:
@@ -24,9 +24,9 @@ def chunk(content: str | None = None, finish: str | None = None, **extra: Any) -
     }
 
 
-def run(events: list[bytes], wants_usage: bool = False) -> tuple[StreamInfo, list[bytes]]:
-    info = StreamInfo()
-    kept = [e for e in events if observe(e, info, wants_usage) is not None]
+def run(events: list[bytes], wants_usage: bool = False) -> tuple[StreamTally, list[bytes]]:
+    info = StreamTally(client_wants_usage=wants_usage)
+    kept = [e for e in events if observe(e, info) is not None]
     return info, kept
 
 

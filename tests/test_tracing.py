@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from bench.otlp import OTLPReceiver, ReceivedSpan
 from daemon.config import TracingConfig
-from daemon.tracing import resolve
+from daemon.otel_env import resolve
 from tests.conftest import MakeClient
 from tests.fakes import Upstream, openai_upstream
 from tests.helpers import (
@@ -274,7 +274,7 @@ def test_content_is_captured_only_when_configured(make_client: MakeClient) -> No
     body = {"model": "mock", "messages": [{"role": "user", "content": "capture this zebra"}]}
     client.post("/v1/chat/completions", json=body, headers=ADMIN)
     client.post("/v1/chat/completions", json={**body, "stream": True}, headers=ADMIN)
-    client.app.state.gateway.tracing.processor.force_flush()  # type: ignore[attr-defined]
+    client.app.state.gateway.tracing.force_flush()  # type: ignore[attr-defined]
     chats = [s for s in exporter.get_finished_spans() if s.name == "chat mock"]
     assert len(chats) == 2
     for span in chats:
@@ -327,7 +327,7 @@ def test_tracing_off_means_no_spans_and_says_so(make_client: MakeClient) -> None
         json={"model": "mock", "messages": [{"role": "user", "content": "x"}]},
         headers=ADMIN,
     )
-    assert client.app.state.gateway.tracing is None  # type: ignore[attr-defined]
+    assert not client.app.state.gateway.tracing.enabled  # type: ignore[attr-defined]
     assert client.get("/admin/traces/status", headers=ADMIN).json() == {"enabled": False}
     assert exporter.get_finished_spans() == ()
 

@@ -65,29 +65,11 @@ class Reply:
         )
 
 
-@dataclass(slots=True)
-class StreamInfo:
-    """What a stream told us by its end; filled in while the events pass through."""
-
-    tokens: TokenCounts = field(default_factory=TokenCounts)
-    response_model: str = ""
-    response_id: str = ""
-    finish_reasons: list[str] = field(default_factory=list)
-    saw_usage: bool = False
-    error: dict[str, Any] | None = None
-    events: int = 0
-    capture: bool = False  # keep the streamed text (monitoring.tracing.capture_content)
-    content_chunks: int = 0  # for an estimate when a stream ends before its usage chunk
-    prompt_chars: int = 0
-    text: list[str] = field(default_factory=list)
-
-
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
     ok: bool
     latency_s: float
     error: str | None = None
-    models: tuple[str, ...] = ()
 
 
 class Provider(Protocol):
@@ -97,7 +79,7 @@ class Provider(Protocol):
 
     async def complete(self, call: UpstreamCall) -> Reply: ...
 
-    async def open_stream(self, call: UpstreamCall, info: StreamInfo) -> AsyncIterator[list[bytes]]:
+    async def open_stream(self, call: UpstreamCall) -> AsyncIterator[list[bytes]]:
         """Start the upstream call; raise before returning if it failed to start.
 
         The iterator yields lists of complete SSE events (``data: ...\\n\\n``) in
@@ -109,8 +91,6 @@ class Provider(Protocol):
     async def embed(self, call: UpstreamCall) -> Reply: ...
 
     async def probe(self, timeout_s: float) -> ProbeResult: ...
-
-    async def aclose(self) -> None: ...
 
 
 def sse_event(payload: Any) -> bytes:

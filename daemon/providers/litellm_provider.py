@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from daemon.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from daemon.providers.base import SSE_DONE, ProbeResult, Reply, StreamInfo, UpstreamCall, sse_event
+from daemon.providers.base import SSE_DONE, ProbeResult, Reply, UpstreamCall, sse_event
 from daemon.providers.openai_compat import upstream_status_error
 
 
@@ -142,7 +142,7 @@ class LiteLLMProvider:
         body = response.model_dump(exclude_none=False)
         return Reply.from_json(response.model_dump_json().encode(), body)
 
-    async def open_stream(self, call: UpstreamCall, info: StreamInfo) -> AsyncIterator[list[bytes]]:
+    async def open_stream(self, call: UpstreamCall) -> AsyncIterator[list[bytes]]:
         litellm = await load_litellm()
         kwargs = self._kwargs(call)
         kwargs["stream"] = True
@@ -179,7 +179,4 @@ class LiteLLMProvider:
             await asyncio.wait_for(load_litellm(), timeout_s)
         except Exception as exc:
             return ProbeResult(False, time.perf_counter() - started, f"litellm: {exc}")
-        return ProbeResult(True, time.perf_counter() - started, None, (self.model,))
-
-    async def aclose(self) -> None:
-        return None
+        return ProbeResult(True, time.perf_counter() - started)

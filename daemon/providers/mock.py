@@ -24,7 +24,7 @@ import orjson
 
 from daemon.config import MockOptions
 from daemon.errors import InvalidRequest, UpstreamError
-from daemon.providers.base import SSE_DONE, ProbeResult, Reply, StreamInfo, UpstreamCall, sse_event
+from daemon.providers.base import SSE_DONE, ProbeResult, Reply, UpstreamCall, sse_event
 from daemon.usage import TokenCounts
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -131,7 +131,7 @@ class MockProvider:
         }
         return Reply(orjson.dumps(body), tokens, self.model, response_id, (finish,))
 
-    async def open_stream(self, call: UpstreamCall, info: StreamInfo) -> AsyncIterator[list[bytes]]:
+    async def open_stream(self, call: UpstreamCall) -> AsyncIterator[list[bytes]]:
         fail_mid_stream = self._check_failure(call.body)
         words, finish, n_in = self._plan(call.body)
         include_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
@@ -205,10 +205,7 @@ class MockProvider:
         return Reply(orjson.dumps(body), TokenCounts(input=n_in), self.model)
 
     async def probe(self, timeout_s: float) -> ProbeResult:
-        return ProbeResult(ok=True, latency_s=0.0, models=(self.model,))
-
-    async def aclose(self) -> None:
-        return None
+        return ProbeResult(ok=True, latency_s=0.0)
 
 
 def _usage(tokens: TokenCounts) -> dict[str, int]:

@@ -30,7 +30,7 @@ from daemon.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from daemon.providers.base import ProbeResult, Reply, StreamInfo, UpstreamCall
+from daemon.providers.base import ProbeResult, Reply, UpstreamCall
 from daemon.providers.sse import EventSplitter
 
 _MAX_MESSAGE = 500
@@ -189,7 +189,7 @@ class OpenAICompatProvider:
     async def embed(self, call: UpstreamCall) -> Reply:
         return await self._post_json("/embeddings", call)
 
-    async def open_stream(self, call: UpstreamCall, info: StreamInfo) -> AsyncIterator[list[bytes]]:
+    async def open_stream(self, call: UpstreamCall) -> AsyncIterator[list[bytes]]:
         response = await self._send("/chat/completions", call)
         return self._events(response)
 
@@ -221,7 +221,7 @@ class OpenAICompatProvider:
                 proxy=self.proxy,
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as response:
-                body = await response.read()
+                await response.read()  # drain, so the connection is reused
                 status = response.status
         except _TRANSPORT_ERRORS as exc:
             if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
@@ -233,10 +233,7 @@ class OpenAICompatProvider:
         latency = time.perf_counter() - started
         if status != 200:
             return ProbeResult(False, latency, f"HTTP {status}")
-        return ProbeResult(True, latency, None, _model_ids(body))
-
-    async def aclose(self) -> None:
-        return None  # the shared session belongs to the app
+        return ProbeResult(True, latency)
 
 
 def env_proxy(url: str) -> str | None:
@@ -246,20 +243,3 @@ def env_proxy(url: str) -> str | None:
     except LookupError:
         return None
     return str(proxy)
-
-
-def _model_ids(body: bytes) -> tuple[str, ...]:
-    try:
-        parsed: Any = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return ()
-    if not isinstance(parsed, dict):
-        return ()
-    items = parsed.get("data") or parsed.get("models") or []
-    ids = []
-    for item in items if isinstance(items, list) else []:
-        if isinstance(item, dict):
-            ident = item.get("id") or item.get("name") or item.get("model")
-            if ident:
-                ids.append(str(ident))
-    return tuple(ids)

@@ -1,4 +1,4 @@
-"""Per-request context as pure ASGI: the request id, and the access log line.
+"""The request id and the access log line, as pure ASGI middleware.
 
 Every response carries ``x-request-id`` (the client's own, when it sent a sane one).
 The id lives in ``scope["state"]``, where handlers, metrics and tracing find it.
@@ -13,6 +13,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daemon.logs import now_ms
+from daemon.middleware.asgi import route_template
 
 access_log = logging.getLogger("chatvault.access")
 
@@ -23,28 +24,6 @@ def _incoming_id(value: bytes) -> str | None:
     if 0 < len(value) <= 128 and all(c in _SAFE for c in value):
         return value.decode("ascii")
     return None
-
-
-def route_template(scope: Scope) -> str:
-    """The matched route's path template, never the raw path (bounded label values)."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    return path if isinstance(path, str) else "unmatched"
-
-
-class StatusRecorder:
-    """Wraps an ASGI ``send`` and remembers the response status (500 until one is sent)."""
-
-    __slots__ = ("send", "status")
-
-    def __init__(self, send: Send) -> None:
-        self.send = send
-        self.status = 500
-
-    async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-        await self.send(message)
 
 
 class RequestContextMiddleware:

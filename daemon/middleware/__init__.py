@@ -1,0 +1,1 @@
+"""Pure ASGI middleware, one concern per module: nothing here ever buffers a stream."""

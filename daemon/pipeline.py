@@ -1,0 +1,146 @@
+"""The model-request pipeline: one request, top to bottom, in the order it happens.
+
+    authenticate          the key                                   → 401 (503 key store down)
+    parse and validate    the body                                  → 400, 413
+    resolve the model     router: its deployments, best first       → 404
+    admit                 key's models, rate limits, budget reservation → 403, 429
+    call the upstream     deployments in order (``attempts.py``)     → 502, 504
+    account               one Usage record → the sinks (``sinks.py``)
+
+Every authenticated request is accounted for exactly once, whether it succeeded,
+was refused or failed, and for a stream whenever the stream ends (``relay.py``). The
+HTTP handlers only translate HTTP in (``Incoming``) and out (``Answer``/``Stream``).
+
+    pipeline = Pipeline(auth=..., router=..., lifecycle=..., admission=..., caller=...,
+                        accounting=..., tracing=..., clock=time.time, max_body_bytes=4 << 20)
+    result = await pipeline.run("chat", incoming)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from daemon.admission import Admission
+from daemon.attempts import UpstreamCaller
+from daemon.auth import Authenticator, Principal
+from daemon.lifecycle import Lifecycle
+from daemon.providers.base import UpstreamCall
+from daemon.relay import StreamTally, ask_for_usage, observe, relay
+from daemon.requests import parse_chat, parse_embeddings, parse_json_object
+from daemon.router import Router
+from daemon.sinks import Accounting
+from daemon.surfaces import Surface, open_surface
+from daemon.tracing import AnyTracing, instrument_authentication
+from daemon.usage import Usage
+
+
+@dataclass(slots=True)
+class Incoming:
+    """What the pipeline needs of an HTTP request."""
+
+    authorization: str | None
+    request_id: str
+    trace_id: str
+    read_body: Callable[[int], Awaitable[bytes]]  # raises 413 past the limit
+    state: MutableMapping[str, Any]  # the request's scope state; the access log reads "usage"
+
+
+@dataclass(slots=True)
+class Answer:
+    body: bytes
+    headers: dict[str, str]
+
+
+@dataclass(slots=True)
+class Stream:
+    events: AsyncIterator[bytes]
+    headers: dict[str, str]
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        auth: Authenticator,
+        router: Router,
+        lifecycle: Lifecycle,
+        admission: Admission,
+        caller: UpstreamCaller,
+        accounting: Accounting,
+        tracing: AnyTracing,
+        clock: Callable[[], float],
+        max_body_bytes: int,
+    ) -> None:
+        self.auth = auth
+        self.router = router
+        self.lifecycle = lifecycle
+        self.admission = admission
+        self.caller = caller
+        self.accounting = accounting
+        self.tracing = tracing
+        self.clock = clock
+        self.max_body_bytes = max_body_bytes
+
+    async def run(self, operation: str, incoming: Incoming) -> Answer | Stream:
+        principal = await self.auth.authenticate(incoming.authorization)
+        usage = self._new_usage(operation, principal, incoming)
+        incoming.state["usage"] = usage
+        try:
+            # Parse and validate.
+            raw = await incoming.read_body(self.max_body_bytes)
+            body = parse_json_object(raw)
+            client_wants_usage = False
+            surface: Surface | None = None
+            if operation == "chat":
+                params = parse_chat(body)
+                model, stream = params.model, params.stream
+                client_wants_usage = params.include_usage
+            elif operation == "embeddings":
+                model, stream = parse_embeddings(body), False
+            else:  # Responses API, legacy completions: a chat body from here on
+                surface = open_surface(operation, body)
+                body, model, stream = surface.chat_body, surface.model, surface.stream
+                client_wants_usage = surface.include_usage
+            usage.model, usage.stream = model, stream
+            # Resolve the model.
+            usage.known_model = self.router.knows(model)
+            self.lifecycle.check_accepting()
+            plan = self.router.plan(model)
+            # Admit.
+            principal.require_model(model)
+            prices = [d.price for d in plan]
+            decision = await self.admission.admit(principal, usage, body, len(raw), prices)
+            headers = dict(decision.headers)
+            # Call the upstream, and account.
+            call = UpstreamCall(operation=operation, body=body, stream=stream, adapter=surface)
+            if not stream:
+                reply = await self.caller.complete(plan, call, usage)
+                self.accounting.finish(usage)
+                return Answer(reply.body, headers)
+            tally = StreamTally.for_request(
+                body, client_wants_usage, capture=self.tracing.capture_content
+            )
+            ask_for_usage(body)
+            events = await self.caller.open_stream(plan, call, usage)
+        except BaseException as exc:  # every authenticated request leaves a ledger row
+            self.accounting.fail(usage, exc)
+            raise
+        # The relay accounts for the stream when it ends, however it ends.
+        observer = observe if surface is None else surface.observe
+        return Stream(relay(events, tally, usage, self.accounting.finish, observer), headers)
+
+    def _new_usage(self, operation: str, principal: Principal, incoming: Incoming) -> Usage:
+        instrument_authentication("success", principal.key_id, principal.user_type)
+        return Usage(
+            trace_id=incoming.trace_id,
+            request_id=incoming.request_id,
+            started_at=self.clock(),
+            key_id=principal.key_id,
+            user_type=principal.user_type,
+            operation=operation,
+            model="",
+            perf_start=time.perf_counter(),
+        )
