@@ -67,11 +67,15 @@ class Processes:
         self.running: list[subprocess.Popen[bytes]] = []
 
     def start(
-        self, args: list[str], env: dict[str, str] | None = None, log: Path | None = None
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+        cwd: Path = REPO,
     ) -> subprocess.Popen[bytes]:
         out = log.open("ab") if log else subprocess.DEVNULL
         process = subprocess.Popen(
-            args, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, cwd=REPO
+            args, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, cwd=cwd
         )
         self.running.append(process)
         return process
@@ -125,8 +129,9 @@ def gateway_config(
     tracing: bool,
     metrics: bool,
     workers: int = 1,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    config = {
+    config: dict[str, Any] = {
         "server": {
             "host": "127.0.0.1",
             "port": free_port(),
@@ -150,18 +155,23 @@ def gateway_config(
             "health": {"probe_interval_s": 30},
         },
     }
+    config.update(extra or {})  # e.g. a shared limit store and ledger (bench/compare.py)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-def start_gateway(procs: Processes, config: Path) -> Gateway:
+def start_gateway(
+    procs: Processes, config: Path, python: str = sys.executable, repo: Path = REPO
+) -> Gateway:
+    """``python`` and ``repo``: another checkout's interpreter and tree, whose code then
+    runs (``-m`` imports from the working directory first; bench/compare.py checks)."""
     port = int(yaml.safe_load(config.read_text())["server"]["port"])
     env = {"CHATVAULT_ADMIN_KEY": ADMIN_KEY}
     created = subprocess.run(
         [
-            sys.executable,
+            python,
             "-m",
             "chatvault_cli",
             "keys",
@@ -182,13 +192,15 @@ def start_gateway(procs: Processes, config: Path) -> Gateway:
         text=True,
         check=True,
         env={**os.environ, **env},
+        cwd=repo,
     )
     key = json.loads(created.stdout)["key"]
     started = time.perf_counter()
     process = procs.start(
-        [sys.executable, "-m", "chatvault_cli", "serve", "--config", str(config)],
+        [python, "-m", "chatvault_cli", "serve", "--config", str(config)],
         env=env,
         log=config.parent / "gateway.log",
+        cwd=repo,
     )
     ready_s = wait_ready(port, started)
     return Gateway(process, port, key, ready_s)
@@ -327,35 +339,46 @@ def measure_variants(
     ]
 
 
-def ledger_cpu_per_row(directory: Path, rows: int) -> float:
+def ledger_cpu_per_row(directory: Path, rows: int, postgres_url: str | None = None) -> float:
     """CPU of writing ledger rows in batches of 500, measured on its own (in the daemon
-    it runs on the writer thread, off the request path)."""
+    it runs on the writer thread, off the request path). For PostgreSQL this is the
+    gateway's side only: the server's own CPU is in its processes, not counted here."""
     from daemon.ledger.sqlite import SQLiteStore
     from daemon.usage import TokenCounts, Usage
 
     async def go() -> float:
-        store = SQLiteStore(directory / "ledger-cpu.db")
+        if postgres_url:
+            from daemon.ledger.postgres import PostgresStore
+
+            store: Any = PostgresStore(postgres_url)
+        else:
+            store = SQLiteStore(directory / "ledger-cpu.db")
         await store.open()
-        batch = [
-            Usage(
-                request_id=f"r{i}",
-                started_at=time.time(),
-                key_id="k",
-                user_type="standard",
-                operation="chat",
-                model="bench",
-                provider="openai",
-                upstream_model="bench-model",
-                tokens=TokenCounts(12, 16),
-                cost_usd=1e-5,
-                latency_s=0.001,
-                upstream_latency_s=0.0008,
-                trace_id="0" * 32,
-            )
-            for i in range(500)
+        # A fresh batch per write: rows are idempotent by row_id, so writing one batch
+        # again would measure skipped duplicates, not inserts.
+        batches = [
+            [
+                Usage(
+                    request_id=f"r{b}-{i}",
+                    started_at=time.time(),
+                    key_id="k",
+                    user_type="standard",
+                    operation="chat",
+                    model="bench",
+                    provider="openai",
+                    upstream_model="bench-model",
+                    tokens=TokenCounts(12, 16),
+                    cost_usd=1e-5,
+                    latency_s=0.001,
+                    upstream_latency_s=0.0008,
+                    trace_id="0" * 32,
+                )
+                for i in range(500)
+            ]
+            for b in range(rows // 500)
         ]
         started = time.process_time()
-        for _ in range(rows // 500):
+        for batch in batches:
             await store.write_requests(batch)
         used = time.process_time() - started
         await store.close()
@@ -567,6 +590,20 @@ def main() -> None:
     parser.add_argument(
         "--timeout", type=float, default=900, help="give up after this many seconds"
     )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="only the side by side of bench/compare.py: --before's code, this code, "
+        "and this code with Redis limits and the PostgreSQL ledger",
+    )
+    parser.add_argument("--before", help="another checkout to run beside this one")
+    parser.add_argument("--rounds", type=int, default=5, help="--compare: interleaved rounds")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--pg-admin-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="--compare creates a database for the run through this, and drops it",
+    )
     args = parser.parse_args()
 
     def give_up(signum: int, frame: Any) -> None:
@@ -574,11 +611,18 @@ def main() -> None:
 
     signal.signal(signal.SIGALRM, give_up)
     signal.alarm(int(args.timeout))
-    results = measure(args)
+    if args.compare:
+        from bench import compare
+
+        results = compare.compare(args)
+        text = compare.table(results)
+    else:
+        results = measure(args)
+        text = table(results)
     signal.alarm(0)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
+    print(text)
     print(f"\nJSON: {args.out}")
 
 
