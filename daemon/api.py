@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from daemon.auth import bearer_token
+from daemon.auth import bearer_token, credentials
 from daemon.errors import (
     AuthenticationFailed,
     GatewayError,
@@ -39,6 +39,10 @@ def _gateway(request: Request) -> Gateway:
     return gateway
 
 
+def _credentials(request: Request) -> str | None:
+    return credentials(request.headers.get("authorization"), request.headers.get("x-api-key"))
+
+
 def _json(payload: Any, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(payload), media_type=JSON, headers=headers)
 
@@ -46,7 +50,7 @@ def _json(payload: Any, headers: dict[str, str] | None = None) -> Response:
 async def _model_request(request: Request, operation: str) -> Response:
     state = request.scope["state"]
     incoming = Incoming(
-        authorization=request.headers.get("authorization"),
+        authorization=_credentials(request),
         request_id=state["request_id"],
         trace_id=state.get("trace_id", ""),
         read_body=lambda limit: read_body(request, limit),
@@ -66,6 +70,14 @@ async def embeddings(request: Request) -> Response:
     return await _model_request(request, "embeddings")
 
 
+async def responses(request: Request) -> Response:
+    return await _model_request(request, "responses")
+
+
+async def completions(request: Request) -> Response:
+    return await _model_request(request, "text_completion")
+
+
 def _model_entry(gw: Gateway, name: str) -> dict[str, Any]:
     owner = next(d.provider_name for d in gw.router.deployments if d.name == name)
     return {
@@ -78,14 +90,14 @@ def _model_entry(gw: Gateway, name: str) -> dict[str, Any]:
 
 async def list_models(request: Request) -> Response:
     gw = _gateway(request)
-    principal = await gw.auth.authenticate(request.headers.get("authorization"))
+    principal = await gw.auth.authenticate(_credentials(request))
     data = [_model_entry(gw, name) for name in gw.router.names if principal.may_use(name)]
     return _json({"object": "list", "data": data})
 
 
 async def retrieve_model(request: Request) -> Response:
     gw = _gateway(request)
-    principal = await gw.auth.authenticate(request.headers.get("authorization"))
+    principal = await gw.auth.authenticate(_credentials(request))
     name = request.path_params["model"]
     if not gw.router.knows(name) or not principal.may_use(name):
         raise NotFound(f"The model '{name}' does not exist.", param="model", code="model_not_found")
@@ -121,7 +133,7 @@ async def metrics(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     gw = _gateway(request)
-    admin = gw.auth.is_admin(request.headers.get("authorization"))
+    admin = gw.auth.is_admin(_credentials(request))
     if request.query_params.get("refresh", "").lower() in ("1", "true", "yes"):
         if not admin:
             raise PermissionDenied("refresh=true needs the admin key.", code="admin_key_required")
@@ -145,7 +157,7 @@ async def traces_status(request: Request) -> Response:
 
 
 def require_admin(gw: Gateway, request: Request) -> None:
-    header = request.headers.get("authorization")
+    header = _credentials(request)
     if gw.auth.is_admin(header):
         return
     if bearer_token(header) is None:
@@ -160,6 +172,8 @@ def routes(*, metrics_enabled: bool = True) -> list[Route]:
     out = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/livez", livez, methods=["GET"]),

@@ -70,13 +70,23 @@ ADMIN = Principal(
 
 
 def bearer_token(header: str | None) -> str | None:
+    """The key in ``Bearer <key>``; tabs or several spaces after the scheme are fine."""
     if not header:
         return None
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer":
+    parts = header.split(None, 1)
+    if len(parts) != 2 or parts[0].lower() != "bearer":
         return None
-    token = token.strip()
-    return token or None
+    return parts[1].strip() or None
+
+
+def credentials(authorization: str | None, api_key: str | None) -> str | None:
+    """The Authorization header, or one built from ``x-api-key`` (what clients of other
+    APIs send), so that either reaches ``bearer_token``."""
+    if authorization:
+        return authorization
+    if api_key and api_key.strip():
+        return "Bearer " + api_key.strip()
+    return None
 
 
 class Authenticator:

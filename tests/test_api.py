@@ -387,3 +387,15 @@ def test_upstream_error_text_is_redacted_before_a_client_sees_it() -> None:
     assert error.status_code == 400
     assert "AIzaSecret123" not in error.message and "sk-abcdefghijklmnopqrst" not in error.message
     assert "up.example" not in error.message and "bad call" in error.message
+
+
+def test_keys_arrive_as_x_api_key_or_with_tabs_after_bearer(make_client: MakeClient) -> None:
+    client = make_client()
+    for headers in (
+        {"x-api-key": ADMIN_KEY},
+        {"authorization": f"Bearer\t{ADMIN_KEY}"},
+        {"authorization": f"Bearer   {ADMIN_KEY}  "},
+    ):
+        assert client.post(CHAT, json=chat_body(), headers=headers).status_code == 200, headers
+    assert_openai_error(client.post(CHAT, json=chat_body(), headers={"x-api-key": "nope"}), 401)
+    assert_openai_error(client.post(CHAT, json=chat_body(), headers={"x-api-key": " "}), 401)

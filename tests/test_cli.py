@@ -496,11 +496,6 @@ def test_usage_by_day_draws_a_bar_chart_and_json_csv_are_unchanged(healthy: Daem
     assert "█" not in usage_cli(healthy, "--by", "model").stdout  # no time axis, no chart
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the ledger cannot group by hour yet: daemon/ledger needs 'hour' in GroupBy and "
-    "in both stores' _GROUP_EXPR (handed to the lead); strict, so it reports when that lands",
-)
 def test_usage_by_hour(healthy: Daemon) -> None:
     client_for(healthy.url).chat.completions.create(
         model="mock", messages=[{"role": "user", "content": "hourly"}]

@@ -17,7 +17,7 @@ import orjson
 from daemon.keys import KeyRecord
 from daemon.usage import TokenCounts, Usage
 
-GroupBy = Literal["model", "key", "day"]
+GroupBy = Literal["model", "key", "day", "hour"]
 
 REQUEST_COLUMNS = (
     "request_id",

@@ -64,6 +64,7 @@ _GROUP_EXPR = {
     "model": "r.model",
     "key": "COALESCE(k.name, r.key_id)",
     "day": "to_char(to_timestamp(r.ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    "hour": "to_char(to_timestamp(r.ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:00')",
 }
 # Serialises migrations when several workers or replicas start at once.
 _SCHEMA_LOCK = 0x43564C44

@@ -58,6 +58,7 @@ _GROUP_EXPR = {
     "model": "r.model",
     "key": "COALESCE(k.name, r.key_id)",
     "day": "strftime('%Y-%m-%d', r.ts, 'unixepoch')",
+    "hour": "strftime('%Y-%m-%d %H:00', r.ts, 'unixepoch')",
 }
 
 
