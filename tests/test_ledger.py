@@ -51,6 +51,16 @@ def usage(
     )
 
 
+def pend(book: SpendBook, key_id: str, cost: float) -> None:
+    """Count ``cost`` as pending in the budget book, as the request path does (the book's
+    API is being reworked: ``settle`` replaces ``add``)."""
+    settle = getattr(book, "settle", None)
+    if settle is not None:
+        settle(key_id, None, cost)
+    else:
+        getattr(book, "add")(key_id, cost)  # noqa: B009
+
+
 @contextlib.contextmanager
 def postgres_schema() -> Iterator[str]:
     schema = "cv_test_" + secrets.token_hex(4)
@@ -161,7 +171,7 @@ def test_writer_batches_and_loses_nothing_on_close(tmp_path: Path) -> None:
             for _ in range(120):
                 u = usage(key.id, cost=0.01)
                 writer.submit(u)
-                book.add(key.id, u.cost_usd)
+                pend(book, key.id, u.cost_usd)
             assert book.spent(key.id) == pytest.approx(1.2)
             await writer.close()
             assert writer.depth == 0 and writer.rows_written == 120
