@@ -236,3 +236,18 @@ def test_redis_outage_follows_on_backend_error_and_recovers(tmp_path: Path, on_e
             health = httpx.get(daemon.url + "/health", headers=admin).json()
             assert health["components"]["authentication"]["limit_store"]["reachable"] is True
     assert REDIS_URL  # the machine's Redis was never touched
+
+
+def test_a_key_revoked_on_one_replica_is_refused_by_both_within_seconds(
+    two_replicas: tuple[Daemon, Daemon, Path],
+) -> None:
+    first, second, config = two_replicas
+    key = create_key(config, "--name", "short-lived")
+    assert wait_for(lambda: post(first.url, key).status_code == 200, timeout=5)
+    assert wait_for(lambda: post(second.url, key).status_code == 200, timeout=5)
+    revoked = cli("keys", "revoke", "short-lived", "--config", str(config))
+    assert revoked.returncode == 0, revoked.stdout + revoked.stderr
+    started = time.monotonic()
+    for replica in (first, second):
+        assert wait_for(lambda r=replica: post(r.url, key).status_code == 401, timeout=5)
+    assert time.monotonic() - started < 3
