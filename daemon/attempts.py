@@ -60,8 +60,8 @@ class UpstreamCaller:
         usage.response_model = reply.response_model
         usage.response_id = reply.response_id
         usage.finish_reasons = reply.finish_reasons
-        if self.tracing.capture_content:
-            usage.output_text = reply.output_text()
+        if self.tracing.capture_content and call.operation != "embeddings":
+            usage.output_body = reply.body  # made into output messages only if the span records
         return reply
 
     async def open_stream(
@@ -87,7 +87,7 @@ class UpstreamCaller:
             usage.upstream_model = deployment.upstream_model
             usage.deployment_index = deployment.index
             span = self._start_span(deployment, call, usage)
-            started = time.perf_counter()
+            started = usage.attempt_started = time.perf_counter()
             try:
                 result = await attempt(deployment.provider)
             except GatewayError as exc:

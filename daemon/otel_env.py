@@ -39,11 +39,15 @@ class TraceSettings:
     resource_attributes: dict[str, str]
     sampler: Sampler
     capture_content: bool
+    max_content_chars: int
     user_id_header: bytes | None
     export_timeout_s: float
     max_queue_size: int
     schedule_delay_s: float
     max_batch_size: int
+    trust_incoming_context: bool
+    trace_probes: bool
+    trace_ledger: bool
 
 
 def _pairs(value: str) -> dict[str, str]:
@@ -125,10 +129,14 @@ def resolve(config: TracingConfig, environ: Mapping[str, str]) -> TraceSettings:
             e.get("OTEL_TRACES_SAMPLER"), e.get("OTEL_TRACES_SAMPLER_ARG"), config.sample_ratio
         ),
         capture_content=config.capture_content,
+        max_content_chars=config.max_content_chars,
         user_id_header=config.user_id_header.lower().encode() if config.user_id_header else None,
         export_timeout_s=_positive(e, "OTEL_BSP_EXPORT_TIMEOUT", config.export_timeout_s * 1000)
         / 1000,
         max_queue_size=int(_positive(e, "OTEL_BSP_MAX_QUEUE_SIZE", config.max_queue_size)),
         schedule_delay_s=_positive(e, "OTEL_BSP_SCHEDULE_DELAY", 1000) / 1000,
         max_batch_size=int(_positive(e, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)),
+        trust_incoming_context=config.trust_incoming_context,
+        trace_probes=config.trace_probes,
+        trace_ledger=config.trace_ledger,
     )

@@ -4,6 +4,10 @@ Each round probes every distinct upstream cheaply (a models listing, never a pai
 completion), checks the ledger database (a read and a write), re-validates the config
 file if it changed on disk, samples CPU and counts metric series, each bounded by the
 probe timeout. Results are kept here and in ``Availability``; ``Health`` reads them.
+
+Probes are traced only with ``monitoring.tracing.trace_probes`` (the health metrics
+tell their story): then each round is one INTERNAL span, ``health probe round``, with
+one HTTP CLIENT span per upstream probed under it.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import psutil
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from daemon.availability import Availability, UpstreamState
 from daemon.config import ConfigError, load_config
 from daemon.ledger.base import Store, StoreCheck
-from daemon.tracing import AnyTracing, instrument_external_api_call
+from daemon.tracing import AnyTracing, start_span
 
 
 class Probes:
@@ -43,6 +49,8 @@ class Probes:
         self.timeout_s = timeout_s
         self.interval_s = interval_s
         self.tracing = tracing
+        # Not traced by default: a no-op tracer, so the probe code never asks.
+        self.tracer = tracing.tracer if tracing.trace_probes else trace.NoOpTracer()
         self.count_series = count_series  # None: metrics are off
         self.clock = clock
         self.store_check: StoreCheck | None = None
@@ -65,10 +73,15 @@ class Probes:
     async def check_round(self) -> None:
         """Probe every upstream and the database at once, each bounded by the timeout."""
         async with self._round_lock:
-            await asyncio.gather(
-                self._check_store(),
-                *(self._probe(u) for u in self.availability.upstreams.values()),
-            )
+            round_span = self.tracer.start_span("health probe round", kind=SpanKind.INTERNAL)
+            in_round = trace.set_span_in_context(round_span)
+            try:
+                await asyncio.gather(
+                    self._check_store(),
+                    *(self._probe(u, in_round) for u in self.availability.upstreams.values()),
+                )
+            finally:
+                round_span.end()
             self._check_config_file()
             self.cpu_percent = self.process.cpu_percent(None)
             if self.count_series is not None:
@@ -82,14 +95,19 @@ class Probes:
             for callback in self.after_round:
                 callback()
 
-    async def _probe(self, upstream: UpstreamState) -> None:
+    async def _probe(self, upstream: UpstreamState, context: Context) -> None:
         provider = upstream.deployments[0].provider
-        span = instrument_external_api_call(
-            self.tracing,
-            "GET health probe",
-            server_address=provider.server_address,
-            server_port=provider.server_port,
-            attributes={"http.request.method": "GET", "chatvault.upstream": upstream.name},
+        attrs: dict[str, str | int] = {
+            "http.request.method": "GET",
+            "chatvault.upstream": upstream.name,
+        }
+        if provider.server_address:
+            attrs["server.address"] = provider.server_address
+        if provider.server_port:
+            attrs["server.port"] = provider.server_port
+        # An HTTP client span is named by its method (no URL template is known here).
+        span = start_span(
+            self.tracer, "GET", kind=SpanKind.CLIENT, attributes=attrs, context=context
         )
         started = time.perf_counter()
         try:

@@ -8,7 +8,10 @@ config.yaml and the OTEL_* variables (``daemon/otel_env.py``).
 
 Upstream spans follow the OpenTelemetry GenAI semantic conventions (``chat {model}``,
 ``gen_ai.*`` attributes), and the traceparent sent upstream names that span. Prompt
-and completion text is recorded only with ``monitoring.tracing.capture_content``.
+and completion text is recorded only with ``monitoring.tracing.capture_content``, in
+the conventions' message shapes (``genai_content.py``), bounded per span. Health probes
+and ledger batches are traced only when configured: by default every root span is a
+request.
 
     tracing = Tracing.create(settings.monitoring.tracing, environ)
     span = instrument_chat_completion(tracing, usage, provider=..., ...)
@@ -20,23 +23,24 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-import orjson
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from daemon import __version__
+from daemon import __version__, genai_content
 from daemon.config import TracingConfig
 from daemon.otel_env import TraceSettings, resolve
 from daemon.otlp import GrpcSpanExporter, HttpSpanExporter
 from daemon.trace_export import ExportingSpanProcessor, ExportStatus
 from daemon.usage import Usage
 
-# gen_ai.request.* attributes from the OpenAI request parameters.
+# gen_ai.request.* attributes from the OpenAI chat request parameters (``n`` is apart:
+# the conventions want gen_ai.request.choice.count only when it is not 1).
 _REQUEST_PARAMS = {
     "temperature": "gen_ai.request.temperature",
     "top_p": "gen_ai.request.top_p",
@@ -45,16 +49,38 @@ _REQUEST_PARAMS = {
     "frequency_penalty": "gen_ai.request.frequency_penalty",
     "presence_penalty": "gen_ai.request.presence_penalty",
     "seed": "gen_ai.request.seed",
-    "n": "gen_ai.request.choice.count",
 }
-# Provider labels to the conventions' gen_ai.provider.name values where they differ.
+# usage.operation to gen_ai.operation.name (the body sent upstream is chat-shaped).
+_OPERATION_NAMES = {
+    "chat": "chat",
+    "responses": "chat",
+    "text_completion": "text_completion",
+    "embeddings": "embeddings",
+}
+# Provider labels (ours and litellm's) to the conventions' registered
+# gen_ai.provider.name values where they differ; others are sent as they are.
 _PROVIDER_NAMES = {
     "bedrock": "aws.bedrock",
+    "bedrock_converse": "aws.bedrock",
     "gemini": "gcp.gemini",
     "vertex_ai": "gcp.vertex_ai",
+    "vertex_ai_beta": "gcp.vertex_ai",
     "azure": "azure.ai.openai",
+    "azure_text": "azure.ai.openai",
+    "azure_ai": "azure.ai.inference",
     "mistral": "mistral_ai",
+    "codestral": "mistral_ai",
+    "xai": "x_ai",
+    "watsonx": "ibm.watsonx.ai",
+    "watsonx_text": "ibm.watsonx.ai",
+    "moonshot": "moonshot_ai",
+    "cohere_chat": "cohere",
+    "text-completion-openai": "openai",
 }
+# response_format.type to gen_ai.output.type.
+_OUTPUT_TYPES = {"text": "text", "json_object": "json", "json_schema": "json"}
+# The client's conversation id, put into the request's context by the middleware.
+CONVERSATION_ID = otel_context.create_key("chatvault.conversation_id")
 
 
 def _exporter(s: TraceSettings) -> SpanExporter:
@@ -88,6 +114,9 @@ class Tracing:
         self.tracer = self.provider.get_tracer("chatvault", __version__)
         self.propagator = TraceContextTextMapPropagator()
         self.capture_content = settings.capture_content
+        self.max_content_chars = settings.max_content_chars
+        self.trace_probes = settings.trace_probes
+        self.trace_ledger = settings.trace_ledger
 
     @classmethod
     def create(
@@ -118,6 +147,9 @@ class NullTracing:
 
     enabled = False
     capture_content = False
+    max_content_chars = 0
+    trace_probes = False
+    trace_ledger = False
     export_status: ExportStatus | None = None
 
     def __init__(self) -> None:
@@ -143,39 +175,21 @@ def start_span(
     kind: SpanKind,
     attributes: Mapping[str, Any],
     context: Context | None = None,
+    links: list[Link] | None = None,
 ) -> Span:
     """Start a span, then set its attributes in one call.
 
     Passed to ``start_span`` itself, attributes are validated twice (once more for the
-    sampler's result): the biggest part of a span's cost on the request path.
+    sampler's result): the biggest part of a span's cost on the request path. So a
+    sampler sees a span's name, kind, parent and links, not its attributes.
     """
-    span = tracer.start_span(name, context=context, kind=kind, record_exception=False)
+    span = tracer.start_span(name, context=context, kind=kind, links=links, record_exception=False)
     if span.is_recording():
         span.set_attributes(attributes)
     return span
 
 
 # -- instrumentation, one function per kind of work -------------------------------------------
-
-
-def instrument_external_api_call(
-    tracing: AnyTracing,
-    name: str,
-    *,
-    server_address: str | None,
-    server_port: int | None,
-    attributes: Mapping[str, Any] | None = None,
-) -> Span:
-    """Start a CLIENT span for a call leaving the gateway (upstream model, health probe).
-
-    The caller ends it; as the current span's child it joins the request's trace.
-    """
-    attrs: dict[str, Any] = dict(attributes or {})
-    if server_address:
-        attrs["server.address"] = server_address
-    if server_port:
-        attrs["server.port"] = server_port
-    return start_span(tracing.tracer, name, kind=SpanKind.CLIENT, attributes=attrs)
 
 
 def instrument_chat_completion(
@@ -188,8 +202,18 @@ def instrument_chat_completion(
     server_port: int | None,
     body: Mapping[str, Any],
 ) -> Span:
-    """Start the GenAI CLIENT span for one upstream attempt (``chat {model}``)."""
-    operation = "chat" if usage.operation == "chat" else "embeddings"
+    """Start the GenAI CLIENT span for one upstream attempt (``chat {model}``).
+
+    Attributes are built only for a span that records: an unsampled request pays for
+    the span alone.
+    """
+    # The conventions' well-known names: a Responses API call is a chat.
+    operation = _OPERATION_NAMES.get(usage.operation, "chat")
+    span = tracing.tracer.start_span(
+        f"{operation} {upstream_model}", kind=SpanKind.CLIENT, record_exception=False
+    )
+    if not span.is_recording():
+        return span
     attrs: dict[str, Any] = {
         "gen_ai.operation.name": operation,
         "gen_ai.provider.name": _PROVIDER_NAMES.get(provider, provider),
@@ -197,58 +221,119 @@ def instrument_chat_completion(
         "chatvault.user_type": usage.user_type,
         "chatvault.key_id": usage.key_id,
     }
-    if operation == "chat":
-        attrs["gen_ai.request.stream"] = usage.stream
+    if server_address:
+        attrs["server.address"] = server_address
+    if server_port:
+        attrs["server.port"] = server_port
+    conversation = otel_context.get_value(CONVERSATION_ID)
+    if conversation is not None:
+        attrs["gen_ai.conversation.id"] = conversation
+    if operation == "embeddings":
+        _embeddings_request(attrs, body)
+    else:  # the body sent upstream is chat-shaped
+        _chat_request(attrs, usage, body)
+        if tracing.capture_content:
+            messages, cut = genai_content.input_messages(
+                body.get("messages"), tracing.max_content_chars
+            )
+            attrs["gen_ai.input.messages"] = messages
+            if cut:
+                attrs["chatvault.content_truncated"] = True
+    span.set_attributes(attrs)  # one call: each takes the span's lock
+    return span
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _chat_request(attrs: dict[str, Any], usage: Usage, body: Mapping[str, Any]) -> None:
+    if usage.stream:
+        attrs["gen_ai.request.stream"] = True  # the conventions: set only when streaming
     for param, attribute in _REQUEST_PARAMS.items():
         value = body.get(param)
         if isinstance(value, int | float) and not isinstance(value, bool):
             attrs[attribute] = value
+    n = body.get("n")
+    if _int(n) and n != 1:
+        attrs["gen_ai.request.choice.count"] = n
     stop = body.get("stop")
     if isinstance(stop, str):
         attrs["gen_ai.request.stop_sequences"] = (stop,)
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         attrs["gen_ai.request.stop_sequences"] = tuple(stop)
-    if tracing.capture_content and operation == "chat":
-        attrs["gen_ai.input.messages"] = orjson.dumps(body.get("messages") or []).decode()
-    return instrument_external_api_call(
-        tracing,
-        f"{operation} {upstream_model}",
-        server_address=server_address,
-        server_port=server_port,
-        attributes=attrs,
-    )
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict):
+        output_type = _OUTPUT_TYPES.get(str(response_format.get("type")))
+        if output_type is not None:
+            attrs["gen_ai.output.type"] = output_type
 
 
-def output_messages(text: str, finish_reasons: tuple[str, ...]) -> str:
-    """``gen_ai.output.messages`` for one assistant reply."""
-    message = {
-        "role": "assistant",
-        "parts": [{"type": "text", "content": text}],
-        "finish_reason": finish_reasons[0] if finish_reasons else "stop",
-    }
-    return orjson.dumps([message]).decode()
+def _embeddings_request(attrs: dict[str, Any], body: Mapping[str, Any]) -> None:
+    encoding = body.get("encoding_format")
+    if isinstance(encoding, str):
+        attrs["gen_ai.request.encoding_formats"] = (encoding,)
+    dimensions = body.get("dimensions")
+    if _int(dimensions):
+        attrs["gen_ai.embeddings.dimension.count"] = dimensions
+
+
+def _output(usage: Usage, max_chars: int, error: str | None) -> tuple[str, bool] | None:
+    """The captured reply as ``gen_ai.output.messages``; the captured copy is let go."""
+    if usage.output_body is not None:
+        body, usage.output_body = usage.output_body, None
+        return genai_content.output_from_body(body, max_chars)
+    if usage.output_text is not None:
+        text, usage.output_text = usage.output_text, None
+        return genai_content.output_from_text(
+            text, usage.finish_reasons, max_chars, error=error is not None
+        )
+    return None
 
 
 def end_chat_completion(
-    span: Span, usage: Usage, *, error: str | None = None, output: str | None = None
+    span: Span, usage: Usage, *, error: str | None = None, max_content_chars: int = 0
 ) -> None:
-    """Put the outcome on an upstream span and end it."""
+    """Put the outcome on an upstream span and end it.
+
+    Token counts are set when known: on success, or when a failed call still reported
+    (or was estimated to have used) some. The output messages come from the content
+    captured on ``usage`` (``capture_content``), bounded by ``max_content_chars``.
+    """
     if not span.is_recording():
+        usage.output_body = usage.output_text = None
         span.end()
         return
-    attrs: dict[str, Any] = {
-        "gen_ai.usage.input_tokens": usage.tokens.input,
-        "gen_ai.usage.output_tokens": usage.tokens.output,
-        "chatvault.cost_usd": usage.cost_usd,
-    }
+    attrs: dict[str, Any] = {}
+    tokens = usage.tokens
+    if error is None or tokens.input or tokens.output:
+        attrs["gen_ai.usage.input_tokens"] = tokens.input
+        if usage.operation != "embeddings":  # not an embeddings attribute
+            attrs["gen_ai.usage.output_tokens"] = tokens.output
+        attrs["chatvault.cost_usd"] = usage.cost_usd
+    if tokens.cached:
+        attrs["gen_ai.usage.cache_read.input_tokens"] = tokens.cached
+    if tokens.reasoning:
+        attrs["gen_ai.usage.reasoning.output_tokens"] = tokens.reasoning
+    if usage.estimated_reason:
+        attrs["chatvault.tokens_estimated"] = usage.estimated_reason
     if usage.response_model:
         attrs["gen_ai.response.model"] = usage.response_model
     if usage.response_id:
         attrs["gen_ai.response.id"] = usage.response_id
     if usage.finish_reasons:
         attrs["gen_ai.response.finish_reasons"] = usage.finish_reasons
-    if output is not None:
-        attrs["gen_ai.output.messages"] = output
+    if usage.stream and usage.ttft_s is not None and usage.attempt_started:
+        # From this attempt's start (the span's), not from the request's arrival.
+        attrs["gen_ai.response.time_to_first_chunk"] = max(
+            usage.perf_start + usage.ttft_s - usage.attempt_started, 0.0
+        )
+    if max_content_chars:
+        output = _output(usage, max_content_chars, error)
+        if output is not None:
+            attrs["gen_ai.output.messages"] = output[0]
+            if output[1]:
+                attrs["chatvault.content_truncated"] = True
     if error is not None:
         attrs["error.type"] = error
         span.set_status(Status(StatusCode.ERROR, error))

@@ -15,6 +15,7 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Link
 
 from bench.otlp import OTLPReceiver, ReceivedSpan
 from daemon.config import TracingConfig
@@ -37,8 +38,14 @@ FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_BSP_EXPORT_TIMEOUT": "2000
 
 
 def traced_config(receiver: OTLPReceiver, **extra: Any) -> dict[str, Any]:
-    monitoring = {"tracing": {"enabled": True, "endpoint": receiver.endpoint, **extra}}
-    return base_config(monitoring=monitoring)
+    """Traced to ``receiver``; the tests find their spans by the traceparent they send."""
+    tracing = {
+        "enabled": True,
+        "endpoint": receiver.endpoint,
+        "trust_incoming_context": True,
+        **extra,
+    }
+    return base_config(monitoring={"tracing": tracing})
 
 
 def traceparent() -> tuple[str, str, str]:
@@ -105,7 +112,7 @@ def test_server_and_client_spans_continue_the_callers_trace(traced: Any) -> None
     assert a["gen_ai.usage.input_tokens"] == completion.usage.prompt_tokens
     assert a["gen_ai.usage.output_tokens"] == completion.usage.completion_tokens
     assert a["gen_ai.request.temperature"] == 0.5 and a["gen_ai.request.max_tokens"] == 50
-    assert a["gen_ai.request.stream"] is False
+    assert "gen_ai.request.stream" not in a  # set only when streaming
     assert a["chatvault.user_type"] == "admin" and a["chatvault.key_id"] == "admin"
 
     row = wait_for(
@@ -176,12 +183,41 @@ def test_health_and_metrics_are_not_traced(traced: Any) -> None:
             )  # ...this one never will
 
 
-def test_ledger_batches_are_traced_as_database_operations(traced: Any) -> None:
-    _, receiver = traced
-    batch = receiver.wait_for(lambda s: s.name == "INSERT requests")[0]
-    assert batch.kind == CLIENT
-    assert batch.attributes["db.system.name"] == "sqlite"
-    assert batch.attributes["db.operation.batch.size"] >= 1
+def test_by_default_every_root_span_is_a_request(traced: Any) -> None:
+    """No health-probe rounds and no ledger batches in the trace list, only requests."""
+    daemon, receiver = traced
+    header, trace_id, _ = traceparent()
+    client_for(daemon.url, headers={"traceparent": header}).chat.completions.create(
+        model="mock", messages=[{"role": "user", "content": "hi"}]
+    )
+    spans_of(receiver, trace_id, 2)
+    wait_for(lambda: ledger_rows(daemon.ledger_path))  # a batch was written (and a round run)
+    with receiver.lock:
+        spans = list(receiver.spans)
+    by_id = {s.span_id for s in spans}
+    for span in spans:
+        if span.parent_span_id in by_id:
+            continue  # a child of one of ours
+        assert span.kind == SERVER and span.name.startswith(("POST ", "GET ")), span.name
+    assert not [s for s in spans if s.name in ("INSERT requests", "health probe round")]
+
+
+def test_ledger_batches_are_traced_when_asked(make_client: MakeClient) -> None:
+    exporter = InMemorySpanExporter()
+    config = base_config(monitoring={"tracing": {"enabled": True, "trace_ledger": True}})
+    client = make_client(config, span_exporter=exporter)
+    body = {"model": "mock", "messages": [{"role": "user", "content": "x"}]}
+    assert client.post("/v1/chat/completions", json=body, headers=ADMIN).status_code == 200
+    tracing = client.app.state.gateway.tracing  # type: ignore[attr-defined]
+
+    def batch() -> list[ReadableSpan]:
+        tracing.force_flush()
+        return [s for s in exporter.get_finished_spans() if s.name == "INSERT requests"]
+
+    span = wait_for(batch)[0]
+    assert span.kind.name == "CLIENT" and span.parent is None
+    assert span.attributes["db.system.name"] == "sqlite"
+    assert span.attributes["db.operation.batch.size"] >= 1
 
 
 def remote_config(receiver: OTLPReceiver, upstream_url: str) -> dict[str, Any]:
@@ -198,13 +234,17 @@ def remote_config(receiver: OTLPReceiver, upstream_url: str) -> dict[str, Any]:
     return config
 
 
-def test_health_probes_are_traced_as_external_calls(tmp_path: Path) -> None:
+def test_health_probes_are_traced_when_asked_under_one_round_span(tmp_path: Path) -> None:
     state = Upstream()
     with OTLPReceiver() as receiver, ServerThread(openai_upstream(state)) as upstream:
         config = remote_config(receiver, upstream.url)
+        config["monitoring"]["tracing"]["trace_probes"] = True
         with running(tmp_path, config, env=FAST_EXPORT):
-            probe = receiver.wait_for(lambda s: s.name == "GET health probe")[0]
-            assert probe.kind == CLIENT
+            probe = receiver.wait_for(lambda s: s.name == "GET" and s.kind == CLIENT)[0]
+            round_span = receiver.wait_for(lambda s: s.name == "health probe round")[0]
+            assert probe.parent_span_id == round_span.span_id
+            assert probe.trace_id == round_span.trace_id and not round_span.parent_span_id
+            assert probe.attributes["http.request.method"] == "GET"
             assert probe.attributes["server.port"] == upstream.port
             assert probe.attributes["chatvault.upstream"] == f"openai 127.0.0.1:{upstream.port}"
             assert "error.type" not in probe.attributes
@@ -361,3 +401,97 @@ def test_otel_environment_overrides_the_config() -> None:
         ).endpoint
         == "http://localhost:4318/v1/traces"
     )
+
+
+# -- what a client may control (#13) ----------------------------------------------------
+
+
+def _chat_with_traceparent(client: Any, header: str) -> str:
+    """One chat request sent with ``header``; its request id."""
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": "mock", "messages": [{"role": "user", "content": "x"}]},
+        headers={**ADMIN, "traceparent": header},
+    )
+    assert r.status_code == 200
+    return str(r.headers["x-request-id"])
+
+
+def _flushed(client: Any, exporter: InMemorySpanExporter) -> list[ReadableSpan]:
+    client.app.state.gateway.tracing.force_flush()
+    return list(exporter.get_finished_spans())
+
+
+def _ledger_trace_id(tmp_path: Path, request_id: str) -> str:
+    rows = wait_for(
+        lambda: ledger_rows(tmp_path / "data" / "ledger.db", "request_id = ?", (request_id,))
+    )
+    return str(rows[0]["trace_id"])
+
+
+def test_an_untrusted_traceparent_neither_forces_sampling_nor_names_the_trace(
+    make_client: MakeClient, tmp_path: Path
+) -> None:
+    exporter = InMemorySpanExporter()
+    config = base_config(monitoring={"tracing": {"enabled": True, "sample_ratio": 0.0}})
+    client = make_client(config, span_exporter=exporter)
+    header, client_trace, _ = traceparent()  # flags 01: "sampled"
+    request_id = _chat_with_traceparent(client, header)
+    assert _flushed(client, exporter) == []  # sample_ratio 0 holds
+    ledger_trace = _ledger_trace_id(tmp_path, request_id)
+    assert len(ledger_trace) == 32 and ledger_trace != client_trace
+
+
+def test_untrusted_context_is_a_link_and_the_ledger_has_our_trace_id(
+    make_client: MakeClient, tmp_path: Path
+) -> None:
+    exporter = InMemorySpanExporter()
+    client = make_client(
+        base_config(monitoring={"tracing": {"enabled": True}}), span_exporter=exporter
+    )
+    header, client_trace, client_span = traceparent()
+    request_id = _chat_with_traceparent(client, header)
+    server = next(s for s in _flushed(client, exporter) if s.kind.name == "SERVER")
+    assert server.parent is None  # a trace of its own
+    (link,) = server.links
+    assert isinstance(link, Link)
+    assert format(link.context.trace_id, "032x") == client_trace
+    assert format(link.context.span_id, "016x") == client_span
+    ours = format(server.context.trace_id, "032x")
+    assert ours != client_trace
+    assert _ledger_trace_id(tmp_path, request_id) == ours
+
+
+def test_a_trusted_traceparent_is_continued(make_client: MakeClient, tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    tracing = {"enabled": True, "sample_ratio": 0.0, "trust_incoming_context": True}
+    client = make_client(base_config(monitoring={"tracing": tracing}), span_exporter=exporter)
+    header, client_trace, client_span = traceparent()
+    request_id = _chat_with_traceparent(client, header)
+    server = next(s for s in _flushed(client, exporter) if s.kind.name == "SERVER")
+    assert server.parent is not None and format(server.parent.span_id, "016x") == client_span
+    assert _ledger_trace_id(tmp_path, request_id) == client_trace
+
+
+def test_captured_content_is_capped_per_span(make_client: MakeClient) -> None:
+    exporter = InMemorySpanExporter()
+    tracing = {"enabled": True, "capture_content": True, "max_content_chars": 200}
+    client = make_client(base_config(monitoring={"tracing": tracing}), span_exporter=exporter)
+    huge = "zebra " * 20_000  # 120,000 characters
+    many = [{"role": "user", "content": "hi"} for _ in range(2_000)]
+    for messages in ([{"role": "user", "content": huge}], many):
+        for stream in (False, True):
+            r = client.post(
+                "/v1/chat/completions",
+                json={"model": "mock", "messages": messages, "stream": stream},
+                headers=ADMIN,
+            )
+            assert r.status_code == 200
+    chats = [s for s in _flushed(client, exporter) if s.name == "chat mock"]
+    assert len(chats) == 4
+    for span in chats:
+        inputs = span.attributes["gen_ai.input.messages"]
+        assert len(inputs) <= 200 + 40  # the budget (which counts the JSON around parts)
+        assert json.loads(inputs)[0]["role"] == "user"
+        assert len(span.attributes["gen_ai.output.messages"]) <= 200 + 80
+        assert span.attributes["chatvault.content_truncated"] is True

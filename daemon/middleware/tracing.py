@@ -1,4 +1,10 @@
-"""One SERVER span per request, continuing an incoming W3C traceparent (pure ASGI)."""
+"""One SERVER span per request (pure ASGI).
+
+An incoming W3C ``traceparent`` is continued only with
+``monitoring.tracing.trust_incoming_context``; otherwise the request starts its own
+trace, so a client can neither force sampling nor choose the trace id that the ledger
+and the access log record, and the client's context is kept as a span link.
+"""
 
 from __future__ import annotations
 
@@ -6,30 +12,34 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from daemon.middleware.asgi import StatusRecorder, route_template
-from daemon.tracing import Tracing, start_span
+from daemon.tracing import CONVERSATION_ID, Tracing, start_span
 
 # Probes and scrapes are not traffic.
 UNTRACED = frozenset({"/metrics", "/livez", "/readyz", "/health"})
+# A client's conversation (session, thread) id, for gen_ai.conversation.id.
+CONVERSATION_HEADER = b"x-chatvault-conversation-id"
 
 
 class TracingMiddleware:
-    """One SERVER span per request, continuing an incoming W3C traceparent."""
+    """One SERVER span per request; continues an incoming traceparent if trusted."""
 
     def __init__(self, app: ASGIApp, tracing: Tracing) -> None:
         self.app = app
         self.tracing = tracing
         self.tracer = tracing.tracer
         self.user_header = tracing.settings.user_id_header
+        self.trust = tracing.settings.trust_incoming_context
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in UNTRACED:
             await self.app(scope, receive, send)
             return
         carrier: dict[str, str] = {}
+        conversation: str | None = None
         attrs: dict[str, Any] = {
             "http.request.method": scope["method"],
             "url.path": scope["path"],
@@ -42,15 +52,34 @@ class TracingMiddleware:
                 attrs["user_agent.original"] = value.decode("latin-1")
             elif name == self.user_header:
                 attrs["user.id"] = value.decode("latin-1")[:256]
+            elif name == CONVERSATION_HEADER:
+                conversation = value.decode("latin-1")[:256]
         client = scope.get("client")
         if client:
             attrs["client.address"] = client[0]
-        parent = self.tracing.propagator.extract(carrier) if carrier else None
+        parent = links = None
+        if carrier:
+            incoming = self.tracing.propagator.extract(carrier)
+            if self.trust:
+                parent = incoming
+            else:
+                remote = trace.get_current_span(incoming).get_span_context()
+                if remote.is_valid:
+                    links = [Link(remote)]
         span = start_span(
-            self.tracer, scope["method"], context=parent, kind=SpanKind.SERVER, attributes=attrs
+            self.tracer,
+            scope["method"],
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes=attrs,
+            links=links,
         )
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        context = trace.set_span_in_context(span, parent)
+        if conversation:
+            context = otel_context.set_value(CONVERSATION_ID, conversation, context)
+        token = otel_context.attach(context)
         state = scope.setdefault("state", {})
+        # Our own span's trace id, whatever the client sent: the ledger and the log join on it.
         state["trace_id"] = format(span.get_span_context().trace_id, "032x")
         recorder = StatusRecorder(send)
         try:
