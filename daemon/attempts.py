@@ -51,6 +51,8 @@ class UpstreamCaller:
 
     async def complete(self, plan: list[Deployment], call: UpstreamCall, usage: Usage) -> Reply:
         async def attempt(provider: Provider) -> Reply:
+            if call.adapter is not None:  # Responses API, legacy completions
+                return await call.adapter.complete(provider, call)
             if call.operation == "embeddings":
                 return await provider.embed(call)
             return await provider.complete(call)
@@ -68,6 +70,8 @@ class UpstreamCaller:
         self, plan: list[Deployment], call: UpstreamCall, usage: Usage
     ) -> AsyncIterator[list[bytes]]:
         async def attempt(provider: Provider) -> AsyncIterator[list[bytes]]:
+            if call.adapter is not None:
+                return await call.adapter.open_stream(provider, call)
             return await provider.open_stream(call)
 
         return await self._attempts(plan, call, usage, attempt)

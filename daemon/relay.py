@@ -135,15 +135,17 @@ async def relay(
     tally: StreamTally,
     usage: Usage,
     finish: Callable[[Usage], None],
+    observe_event: Callable[[bytes, StreamTally], bytes | None] = observe,
 ) -> AsyncIterator[bytes]:
     """Forward a stream to the client; put its outcome on ``usage`` and hand it to
-    ``finish`` exactly once, however the stream ends."""
+    ``finish`` exactly once, however the stream ends. ``observe_event`` reads events
+    of another protocol (the Responses API's, ``daemon/surfaces/responses.py``)."""
     completed = False
     first = True
     upstream_started = time.perf_counter() - (usage.upstream_latency_s or 0.0)
     try:
         async for batch in events:
-            kept = [e for e in batch if observe(e, tally) is not None]
+            kept = [e for e in batch if observe_event(e, tally) is not None]
             if not kept:
                 continue
             if first:

@@ -37,6 +37,7 @@ def build_provider(
             api_key=api_key,
             session=session,
             timeout_s=model.timeout_s,
+            responses_native=model.responses_api == "native",
         )
     return LiteLLMProvider(
         provider=model.provider,

@@ -18,11 +18,22 @@ from daemon.usage import TokenCounts
 
 @dataclass(slots=True)
 class UpstreamCall:
-    operation: str  # "chat" | "embeddings"
-    body: dict[str, Any]
+    operation: str  # "chat" | "embeddings" | "responses" | "text_completion"
+    body: dict[str, Any]  # chat completions' shape for every operation but embeddings
     stream: bool = False
     headers: dict[str, str] = field(default_factory=dict)  # e.g. traceparent
     timeout_s: float | None = None
+    # Another API surface (Responses, legacy completions) served over chat completions:
+    # it calls the provider and translates the answer back (``daemon/surfaces``).
+    adapter: Adapter | None = None
+
+
+class Adapter(Protocol):
+    async def complete(self, provider: Provider, call: UpstreamCall) -> Reply: ...
+
+    async def open_stream(
+        self, provider: Provider, call: UpstreamCall
+    ) -> AsyncIterator[list[bytes]]: ...
 
 
 @dataclass(slots=True)
@@ -63,6 +74,38 @@ class Reply:
             response_id=str(parsed.get("id") or ""),
             finish_reasons=reasons,
         )
+
+    @classmethod
+    def from_responses_json(cls, body: bytes, parsed: Any) -> Reply:
+        """A Responses API object (``{"object": "response", "usage": {"input_tokens"...``)."""
+        if not isinstance(parsed, dict):
+            return cls(body, TokenCounts())
+        status = str(parsed.get("status") or "")
+        details = parsed.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        return cls(
+            body=body,
+            tokens=responses_tokens(parsed.get("usage")),
+            response_model=str(parsed.get("model") or ""),
+            response_id=str(parsed.get("id") or ""),
+            finish_reasons=(str(reason or status),) if status else (),
+        )
+
+
+def responses_tokens(usage: Any) -> TokenCounts:
+    """Token counts from the Responses API's ``usage`` (input/output naming)."""
+    if not isinstance(usage, dict):
+        return TokenCounts()
+    prompt = usage.get("input_tokens_details")
+    completion = usage.get("output_tokens_details")
+    return TokenCounts.from_openai(
+        {
+            "prompt_tokens": usage.get("input_tokens"),
+            "completion_tokens": usage.get("output_tokens"),
+            "prompt_tokens_details": prompt if isinstance(prompt, dict) else {},
+            "completion_tokens_details": completion if isinstance(completion, dict) else {},
+        }
+    )
 
 
 @dataclass(frozen=True, slots=True)

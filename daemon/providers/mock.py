@@ -1,11 +1,22 @@
 """The built-in mock model: in-process, deterministic, free.
 
 It answers like an OpenAI server so that demos, tests and benchmarks exercise the
-whole gateway without a model. Replies depend only on the request, streams go word
-by word, and token counts are real counts of the text sent and returned (one token
-per word or punctuation mark). Two markers in the last user message make it fail on
-purpose: ``mock:fail`` (an upstream error before any output) and
-``mock:fail-mid-stream`` (an error event after the first words of a stream).
+whole gateway without a model. Replies depend only on the request; token counts are
+real counts of the text sent and returned (one token per word or punctuation mark);
+streams go word by word. docs/mock.md describes the behaviour in full:
+
+- ``tools``: with ``tool_choice`` ``required`` or a named function, or ``auto`` when
+  the last user message names a tool (or says ``mock:tool``), the answer is a tool
+  call whose arguments are valid JSON for the tool's ``parameters`` schema; after a
+  tool result (a ``tool`` message last) it answers in text;
+- ``response_format``: ``json_object`` gives ``{"reply": ...}``, ``json_schema``
+  gives JSON valid for the schema (``providers/mock_json.py``);
+- ``n`` choices, ``stop`` cuts the text, ``max_tokens`` cuts at whole words,
+  ``logprobs``/``top_logprobs`` give plausible log-probabilities;
+- markers in the last user message: ``mock:fail`` (an upstream error before any
+  output), ``mock:fail-mid-stream`` (an error event after two words),
+  ``mock:slow=S`` (wait S seconds, default 1, at most 30, before answering),
+  ``mock:chunks=N`` (a reply of N words, at most 10000: a stream of N chunks).
 """
 
 from __future__ import annotations
@@ -17,7 +28,9 @@ import re
 import secrets
 import struct
 import time
+import zlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -25,10 +38,18 @@ import orjson
 from daemon.config import MockOptions
 from daemon.errors import InvalidRequest, UpstreamError
 from daemon.providers.base import SSE_DONE, ProbeResult, Reply, UpstreamCall, sse_event
+from daemon.providers.mock_json import example
 from daemon.usage import TokenCounts
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
+_TOKEN_PIECE = re.compile(r"\s*(?:\w+|[^\w\s])")  # tokens with their leading space
 _ECHO_WORDS = 24
+_SLOW = re.compile(r"mock:slow(?:=(\d+(?:\.\d+)?))?")
+_CHUNKS = re.compile(r"mock:chunks=(\d+)")
+MAX_SLOW_S = 30.0
+MAX_CHUNKS = 10_000
+_LOREM = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
+_ALTERNATIVES = (" the", " a", ",", ".", " and", " of", " to", " in", " is", " it")
 
 
 def count_tokens(text: str) -> int:
@@ -61,6 +82,92 @@ def last_user_text(messages: list[Any]) -> str:
     return ""
 
 
+def logprob_entries(text: str, top: int) -> list[dict[str, Any]]:
+    """Plausible, deterministic log-probabilities for each token of ``text``: mostly
+    confident, and the alternatives share what the chosen token leaves."""
+    out = []
+    for piece in _TOKEN_PIECE.findall(text):
+        h = zlib.crc32(piece.encode())
+        chosen = -(((h % 1000) / 1000) ** 3) * 4 - 0.0001
+        rest = 1.0 - math.exp(chosen)
+        alternatives = [
+            {
+                "token": _ALTERNATIVES[(h + j) % len(_ALTERNATIVES)],
+                "logprob": max(math.log(rest * 0.5 ** (j + 1)), -30.0),
+                "bytes": list(_ALTERNATIVES[(h + j) % len(_ALTERNATIVES)].encode()),
+            }
+            for j in range(max(top - 1, 0))
+        ]
+        first = {"token": piece, "logprob": chosen, "bytes": list(piece.encode())}
+        out.append({**first, "top_logprobs": [first, *alternatives] if top else []})
+    return out
+
+
+@dataclass(slots=True)
+class Choice:
+    text: str | None  # None: a tool call instead of text
+    finish: str
+    tool_call: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class Plan:
+    choices: list[Choice]
+    n_in: int
+    logprobs: bool = False
+    top_logprobs: int = 0
+    fail_mid_stream: bool = False
+    delay_s: float = 0.0
+    words: list[list[str]] = field(default_factory=list)  # per choice, what to stream
+
+    def tokens(self) -> TokenCounts:
+        out = 0
+        for c in self.choices:
+            if c.tool_call is not None:
+                function = c.tool_call["function"]
+                out += count_tokens(function["name"]) + count_tokens(function["arguments"])
+            else:
+                out += count_tokens(c.text or "")
+        return TokenCounts(input=self.n_in, output=out)
+
+
+def _cut_at_stop(text: str, stop: Any) -> str:
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    cut = len(text)
+    for s in stops:
+        if isinstance(s, str) and s:
+            at = text.find(s)
+            if 0 <= at < cut:
+                cut = at
+    return text[:cut]  # the finish reason stays "stop", as OpenAI reports it
+
+
+def _cut_at_limit(text: str, limit: Any) -> tuple[str, bool]:
+    if not isinstance(limit, int) or limit <= 0:
+        return text, False
+    kept: list[str] = []
+    used = 0
+    for word in text.split(" "):
+        n = count_tokens(word)
+        if used + n > limit:
+            return " ".join(kept), True
+        kept.append(word)
+        used += n
+    return text, False
+
+
+def _stream_words(text: str) -> list[str]:
+    """The pieces a stream sends: words with their leading space; long runs without
+    spaces (JSON) in pieces of 16 characters."""
+    out = []
+    for word in re.findall(r"\s*\S+", text):
+        while len(word) > 16:
+            out.append(word[:16])
+            word = word[16:]
+        out.append(word)
+    return out
+
+
 class MockProvider:
     name = "mock"
     server_address: str | None = None
@@ -78,91 +185,187 @@ class MockProvider:
             text = f"This is ChatVault's mock model. You said: {said}".strip()
         return text.split()
 
-    def _plan(self, body: dict[str, Any]) -> tuple[list[str], str, int]:
-        messages = body.get("messages") or []
-        words = self.reply_words(messages)
-        limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        finish = "stop"
-        if isinstance(limit, int) and limit > 0:
-            kept, used = [], 0
-            for word in words:
-                n = count_tokens(word)
-                if used + n > limit:
-                    finish = "length"
-                    break
-                kept.append(word)
-                used += n
-            words = kept
-        return words, finish, prompt_tokens(messages)
+    # -- what to answer --------------------------------------------------------------
 
-    def _check_failure(self, body: dict[str, Any]) -> bool:
-        text = last_user_text(body.get("messages") or [])
-        if "mock:fail-mid-stream" in text:
-            return True
-        if "mock:fail" in text:
-            raise UpstreamError("The mock model failed on purpose (mock:fail).")
-        return False
+    def _plan(self, body: dict[str, Any]) -> Plan:
+        messages = body.get("messages") or []
+        prompt = last_user_text(messages)
+        plan = Plan(choices=[], n_in=prompt_tokens(messages))
+        chunks = 0
+        if "mock:" in prompt:  # markers are rare: the plain path pays one substring test
+            if "mock:fail-mid-stream" in prompt:
+                plan.fail_mid_stream = True
+            elif "mock:fail" in prompt:
+                raise UpstreamError("The mock model failed on purpose (mock:fail).")
+            slow = _SLOW.search(prompt)
+            if slow:
+                plan.delay_s = min(float(slow.group(1) or 1.0), MAX_SLOW_S)
+            many = _CHUNKS.search(prompt)
+            if many:
+                chunks = max(1, min(int(many.group(1)), MAX_CHUNKS))
+        raw_n = body.get("n")
+        n = raw_n if isinstance(raw_n, int) and raw_n > 0 else 1
+        tool = self._tool_to_call(body, messages, prompt)
+        if tool is not None:
+            name = str(tool.get("name") or "")
+            arguments = orjson.dumps(example(tool.get("parameters") or {}, name)).decode()
+            for _ in range(n):
+                call = {
+                    "id": "call_" + secrets.token_hex(12),
+                    "type": "function",
+                    "function": {"name": name, "arguments": arguments},
+                }
+                plan.choices.append(Choice(None, "tool_calls", call))
+            return plan
+        text = self._text(body, messages, chunks)
+        text = _cut_at_stop(text, body.get("stop"))
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        text, cut = _cut_at_limit(text, limit)
+        finish = "length" if cut else "stop"
+        plan.choices = [Choice(text, finish) for _ in range(n)]
+        if body.get("logprobs") is True:
+            plan.logprobs = True
+            top = body.get("top_logprobs")
+            plan.top_logprobs = top if isinstance(top, int) and 0 <= top <= 20 else 0
+        return plan
+
+    def _text(self, body: dict[str, Any], messages: list[Any], chunks: int) -> str:
+        fmt = body.get("response_format")
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_schema" and isinstance(fmt, dict):
+            raw = fmt.get("json_schema")
+            spec: dict[str, Any] = raw if isinstance(raw, dict) else {}
+            return orjson.dumps(
+                example(spec.get("schema") or {}, str(spec.get("name") or ""))
+            ).decode()
+        last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+        if last.get("role") == "tool":  # after a tool ran: say what it returned, in text
+            result = " ".join(message_text(last.get("content")).split()[:_ECHO_WORDS])
+            text = f"The tool returned: {result}"
+        elif chunks:
+            text = " ".join(_LOREM[i % len(_LOREM)] for i in range(chunks))
+        else:
+            text = " ".join(self.reply_words(messages))
+        if kind == "json_object":
+            return orjson.dumps({"reply": text}).decode()
+        return text
+
+    def _tool_to_call(
+        self, body: dict[str, Any], messages: list[Any], prompt: str
+    ) -> dict[str, Any] | None:
+        tools: list[dict[str, Any]] = [
+            t["function"]
+            for t in body.get("tools") or ()
+            if isinstance(t, dict)
+            and t.get("type") == "function"
+            and isinstance(t.get("function"), dict)
+        ]
+        choice = body.get("tool_choice")
+        if not tools or choice == "none":
+            return None
+        if isinstance(choice, dict):
+            wanted = (choice.get("function") or {}).get("name")
+            for tool in tools:
+                if tool.get("name") == wanted:
+                    return tool
+            raise InvalidRequest(
+                f"tool_choice names the function '{wanted}', which is not in 'tools'.",
+                param="tool_choice",
+            )
+        lowered = prompt.lower()
+        named = next((t for t in tools if str(t.get("name") or "\0").lower() in lowered), None)
+        if choice == "required":
+            return named or tools[0]
+        last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+        if last.get("role") == "tool":
+            return None  # it has its result: answer in text, as models do
+        if named is not None:
+            return named
+        return tools[0] if "mock:tool" in prompt else None
+
+    # -- answering -------------------------------------------------------------------
 
     async def _delay(self, seconds: float) -> None:
         if seconds > 0:
             await asyncio.sleep(seconds)
 
+    def _choice_json(self, index: int, choice: Choice, plan: Plan) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
+        if choice.tool_call is not None:
+            message["tool_calls"] = [choice.tool_call]
+        logprobs = None
+        if plan.logprobs and choice.text is not None:
+            logprobs = {"content": logprob_entries(choice.text, plan.top_logprobs), "refusal": None}
+        return {
+            "index": index,
+            "message": message,
+            "logprobs": logprobs,
+            "finish_reason": choice.finish,
+        }
+
     async def complete(self, call: UpstreamCall) -> Reply:
-        self._check_failure(call.body)
-        await self._delay(self.options.latency_s)
-        words, finish, n_in = self._plan(call.body)
-        text = " ".join(words)
-        tokens = TokenCounts(input=n_in, output=count_tokens(text))
+        plan = self._plan(call.body)  # mock:fail-mid-stream fails streams only
+        await self._delay(self.options.latency_s + plan.delay_s)
+        tokens = plan.tokens()
         response_id = "chatcmpl-" + secrets.token_hex(12)
         body = {
             "id": response_id,
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": finish,
-                }
-            ],
+            "choices": [self._choice_json(i, c, plan) for i, c in enumerate(plan.choices)],
             "usage": _usage(tokens),
         }
-        return Reply(orjson.dumps(body), tokens, self.model, response_id, (finish,))
+        reasons = tuple(c.finish for c in plan.choices)
+        return Reply(orjson.dumps(body), tokens, self.model, response_id, reasons)
 
     async def open_stream(self, call: UpstreamCall) -> AsyncIterator[list[bytes]]:
-        fail_mid_stream = self._check_failure(call.body)
-        words, finish, n_in = self._plan(call.body)
+        plan = self._plan(call.body)
         include_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
-        await self._delay(self.options.latency_s)
-        return self._stream(words, finish, n_in, include_usage, fail_mid_stream)
+        await self._delay(self.options.latency_s + plan.delay_s)
+        return self._stream(plan, include_usage)
 
-    async def _stream(
-        self, words: list[str], finish: str, n_in: int, include_usage: bool, fail: bool
-    ) -> AsyncIterator[list[bytes]]:
+    async def _stream(self, plan: Plan, include_usage: bool) -> AsyncIterator[list[bytes]]:
         response_id = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
 
-        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        def chunk(
+            index: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None
+        ) -> bytes:
             payload: dict[str, Any] = {
                 "id": response_id,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": self.model,
                 "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                    {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}
                 ],
             }
             if include_usage:
                 payload["usage"] = None
             return sse_event(payload)
 
-        yield [chunk({"role": "assistant", "content": ""})]
-        for i, word in enumerate(words):
+        choices = plan.choices
+        yield [chunk(i, {"role": "assistant", "content": ""}) for i in range(len(choices))]
+        words = [_stream_words(c.text) if c.text is not None else [] for c in choices]
+        for i, c in enumerate(choices):
+            if c.tool_call is not None:
+                yield [chunk(i, {"tool_calls": [_call_delta(c.tool_call)]})]
+                for piece in _pieces(c.tool_call["function"]["arguments"]):
+                    yield [
+                        chunk(i, {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                    ]
+        for position in range(max((len(w) for w in words), default=0)):
             await self._delay(self.options.chunk_delay_s)
-            yield [chunk({"content": word if i == 0 else " " + word})]
-            if fail and i == 1:
+            batch = []
+            for i, pieces in enumerate(words):
+                if position < len(pieces):
+                    lp = None
+                    if plan.logprobs:
+                        lp = {"content": logprob_entries(pieces[position], plan.top_logprobs)}
+                    batch.append(chunk(i, {"content": pieces[position]}, lp=lp))
+            yield batch
+            if plan.fail_mid_stream and position == 1:
                 error = {
                     "message": "The mock model failed mid-stream on purpose.",
                     "type": "upstream_error",
@@ -171,16 +374,15 @@ class MockProvider:
                 }
                 yield [sse_event({"error": error})]
                 return
-        yield [chunk({}, finish)]
+        yield [chunk(i, {}, c.finish) for i, c in enumerate(choices)]
         if include_usage:
-            tokens = TokenCounts(input=n_in, output=count_tokens(" ".join(words)))
             final = {
                 "id": response_id,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": self.model,
                 "choices": [],
-                "usage": _usage(tokens),
+                "usage": _usage(plan.tokens()),
             }
             yield [sse_event(final)]
         yield [SSE_DONE]
@@ -206,6 +408,19 @@ class MockProvider:
 
     async def probe(self, timeout_s: float) -> ProbeResult:
         return ProbeResult(ok=True, latency_s=0.0)
+
+
+def _call_delta(call: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "index": 0,
+        "id": call["id"],
+        "type": "function",
+        "function": {"name": call["function"]["name"], "arguments": ""},
+    }
+
+
+def _pieces(text: str, size: int = 24) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
 
 
 def _usage(tokens: TokenCounts) -> dict[str, int]:

@@ -122,8 +122,11 @@ class OpenAICompatProvider:
         session: aiohttp.ClientSession,
         timeout_s: float | None = None,
         probe_path: str = "/models",
+        responses_native: bool = False,
     ) -> None:
         self.name = name
+        # The upstream implements POST /responses itself (config: responses_api: native).
+        self.responses_native = responses_native
         self.base = api_base.rstrip("/")
         if name == "ollama" and not self.base.endswith("/v1"):
             self.root = self.base
@@ -191,6 +194,27 @@ class OpenAICompatProvider:
 
     async def open_stream(self, call: UpstreamCall) -> AsyncIterator[list[bytes]]:
         response = await self._send("/chat/completions", call)
+        return self._events(response)
+
+    async def create_response(self, call: UpstreamCall) -> Reply:
+        """The Responses API, passed through: the body is the client's, usage is read
+        from the Responses shape (``input_tokens``, ``output_tokens``)."""
+        response = await self._send("/responses", call)
+        try:
+            body = await response.read()
+        except _TRANSPORT_ERRORS as exc:
+            raise transport_error(exc, self.name) from exc
+        finally:
+            response.release()
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(f"The upstream ({self.name}) answered with invalid JSON.") from None
+        return Reply.from_responses_json(body, parsed)
+
+    async def open_response_stream(self, call: UpstreamCall) -> AsyncIterator[list[bytes]]:
+        """A streamed Responses API call: the upstream's events, forwarded as they come."""
+        response = await self._send("/responses", call)
         return self._events(response)
 
     async def _events(self, response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
