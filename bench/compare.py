@@ -86,16 +86,19 @@ def checkout_python(repo: Path) -> str:
 def code_origin(python: str, repo: Path) -> str:
     """Where ``python -m`` run from ``repo`` imports the daemon from; it must be ``repo``,
     or the comparison would measure one code base twice."""
-    out = subprocess.run(
-        [python, "-c", "import daemon; print(daemon.__file__)"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=repo,
-    ).stdout.strip()
-    if not Path(out).resolve().is_relative_to(repo.resolve()):
-        raise RuntimeError(f"{python} in {repo} imports the daemon from {out}")
-    return out
+    probe = (
+        "import sys, daemon.app, chatvault_cli.main\n"
+        "for name, m in sorted(sys.modules.items()):\n"
+        "    if name.split('.')[0] in ('daemon', 'chatvault_cli') and getattr(m, '__file__', None):\n"
+        "        print(m.__file__)\n"
+    )
+    files = subprocess.run(
+        [python, "-c", probe], capture_output=True, text=True, check=True, cwd=repo
+    ).stdout.split()
+    strays = [f for f in files if not Path(f).resolve().is_relative_to(repo.resolve())]
+    if strays:
+        raise RuntimeError(f"{python} in {repo} imports modules from elsewhere: {strays[:3]}")
+    return str(Path(files[0]).parent)
 
 
 def describe(repo: Path) -> dict[str, Any]:
@@ -297,6 +300,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                 "added_p99_ms_c1": spread(c.added_p99),
                 "rounds": len(c.cpu_ms),
                 "errors": c.errors,
+                "cpu_ms_by_round": c.cpu_ms,
             }
             for c in contenders
         }
@@ -318,6 +322,13 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     results["ratios"] = {"shared_to_after_cpu": round(cpu["shared"] / cpu["after"], 3)}
     if "before" in cpu:
         results["ratios"]["after_to_before_cpu"] = round(cpu["after"] / cpu["before"], 3)
+    # Ratios within each round (the gateways ran minutes apart at most): less noisy than
+    # the ratio of medians when the machine's load drifts over the run.
+    by_name = {c.name: c.cpu_ms for c in contenders}
+    pairs = [("shared", "after")] + ([("after", "before")] if "before" in by_name else [])
+    for a, b in pairs:
+        paired = [x / y for x, y in zip(by_name[a], by_name[b], strict=True)]
+        results["ratios"][f"{a}_to_{b}_cpu_by_round"] = spread(paired)
     return results
 
 
