@@ -110,9 +110,18 @@ async def livez(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     gw = _gateway(request)
-    state = gw.lifecycle.readiness(gw.probes.database_ok)
+    ledger_ok, reason = gw.health.readiness()
+    state = gw.lifecycle.readiness(ledger_ok)
+    body = (
+        {"status": state}
+        if ledger_ok or state != "database_unreachable"
+        else {
+            "status": state,
+            "reason": reason,
+        }
+    )
     return Response(
-        orjson.dumps({"status": state}),
+        orjson.dumps(body),
         status_code=200 if state == "ready" else 503,
         media_type=JSON,
     )

@@ -126,7 +126,9 @@ class SpendBook:
     def batch_written(
         self, rows: Sequence[Usage], seconds: float, totals: dict[str, float]
     ) -> None:
-        for key_id, cost in spend_by_key(rows).items():
+        # Rows replayed from an earlier process's journal were never pending here.
+        fresh = [u for u in rows if not u.recovered]
+        for key_id, cost in spend_by_key(fresh).items():
             left = self._pending.get(key_id, 0.0) - cost
             if left > 1e-12:
                 self._pending[key_id] = left

@@ -79,7 +79,12 @@ class Gateway:
         self.tracing = tracing
         self.clock = clock
         self.lifecycle = Lifecycle()
-        self.store: Store = store or open_store(settings.ledger.url)
+        ledger = settings.ledger
+        self.store: Store = store or open_store(
+            ledger.url,
+            migrate="apply" if ledger.migrate_on_start else "check",
+            journal_dir=ledger.journal_dir,
+        )
         self.quota: Quota = quota or open_quota(settings)
         self.writer = LedgerWriter(
             self.store,
@@ -88,6 +93,11 @@ class Gateway:
             max_queue=settings.ledger.max_queue,
             observers=[self.quota, metrics],
             instrument=self._instrument_batch,
+            journal_dir=ledger.journal_dir,
+            journal_max_bytes=ledger.journal_max_bytes,
+            spill_after_s=ledger.spill_after_s,
+            rejected_max_queue=ledger.rejected_max_queue,
+            ready_during_outage_s=ledger.ready_during_outage_s,
         )
         self._stack = contextlib.AsyncExitStack()
 
@@ -243,7 +253,11 @@ class Gateway:
     def sample_metrics(self) -> None:
         """Copy current state (process, ledger queue, span export) into metrics."""
         self.metrics.sample_process()
-        self.metrics.sample_ledger(self.writer.depth, self.writer.rows_dropped)
+        w = self.writer
+        self.metrics.sample_ledger(w.depth, w.rows_dropped)
+        self.metrics.sample_journal(
+            w.journal_depth, w.journal_bytes, w.rejected_dropped, w.rows_journaled, w.rows_recovered
+        )
         status = self.tracing.export_status
         if status is not None:
             self.metrics.sample_tracing(status)

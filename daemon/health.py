@@ -35,10 +35,23 @@ class LedgerStatus(Protocol):
     @property
     def failing(self) -> bool: ...
 
+    @property
+    def absorbing(self) -> bool: ...
+    @property
+    def journal_depth(self) -> int: ...
+    @property
+    def journal_bytes(self) -> int: ...
+
     rows_written: int
     write_failures: int
     rows_dropped: int
+    billed_dropped: int
+    rejected_dropped: int
     last_error: str | None
+    last_success: float | None
+    journal_error: str | None
+
+    def readiness(self, now: float | None = None) -> tuple[bool, str]: ...
 
 
 class KeyStatus(Protocol):
@@ -91,6 +104,12 @@ class Health:
         self.clock = clock
         self.started = time.time()
 
+    def readiness(self) -> tuple[bool, str]:
+        """The ledger's part of /readyz: up through a short outage the journal absorbs."""
+        if self.probes.database_ok:
+            return True, "ready"
+        return self.ledger.readiness()
+
     def components(self) -> dict[str, Component]:
         return {
             "database": self._database(),
@@ -130,6 +149,12 @@ class Health:
             "rows_written": writer.rows_written,
             "write_failures": writer.write_failures,
             "rows_dropped": writer.rows_dropped,
+            "billed_rows_dropped": writer.billed_dropped,
+            "rejected_rows_dropped": writer.rejected_dropped,
+            "journal_depth": writer.journal_depth,
+            "journal_bytes": writer.journal_bytes,
+            "journal_error": writer.journal_error,
+            "last_successful_write": writer.last_success,
         }
         check = self.probes.store_check
         if check is None:
@@ -143,6 +168,13 @@ class Health:
         )
         if check.error:
             details["error"] = check.error
+        if not check.ok and writer.absorbing:
+            return Component(
+                DEGRADED,
+                f"the ledger database cannot be reached; {writer.journal_depth} rows "
+                "journaled on disk, written when it returns",
+                details,
+            )
         if not check.ok:
             return Component(UNHEALTHY, "the ledger database cannot be reached", details)
         if not check.writable:

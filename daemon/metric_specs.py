@@ -74,6 +74,11 @@ SPECS = (
     Spec("ledger_queue", Gauge, "chatvault_ledger_queue_depth", "Ledger rows waiting to be written."),
     Spec("ledger_rows", Counter, "chatvault_ledger_rows_written", "Ledger rows written."),
     Spec("ledger_failures", Counter, "chatvault_ledger_write_failures", "Ledger batch writes that failed (their rows are kept and retried)."),
+    Spec("journal_depth", Gauge, "chatvault_ledger_journal_rows", "Billed ledger rows in the on-disk journal, waiting for the database."),
+    Spec("journal_bytes", Gauge, "chatvault_ledger_journal_bytes", "Size of the on-disk ledger journal."),
+    Spec("rows_journaled", Counter, "chatvault_ledger_rows_journaled", "Billed ledger rows written to the on-disk journal (database unreachable or slow)."),
+    Spec("rows_recovered", Counter, "chatvault_ledger_rows_recovered", "Ledger rows replayed from a journal left by an earlier process."),
+    Spec("rejected_dropped", Counter, "chatvault_ledger_rejected_rows_dropped", "Rows of refused requests (no cost) not recorded because their own queue was full."),
     Spec("ledger_dropped", Counter, "chatvault_ledger_rows_dropped", "Ledger rows dropped because the queue was full."),
     # Business gauges, refreshed from the ledger at a modest interval
     Spec("active_keys", Gauge, "chatvault_active_keys", "API keys that are not revoked.", mode="max"),

@@ -60,6 +60,11 @@ class MetricsCollector:
     ledger_rows: Counter
     ledger_failures: Counter
     ledger_dropped: Counter
+    journal_depth: Gauge
+    journal_bytes: Gauge
+    rows_journaled: Counter
+    rows_recovered: Counter
+    rejected_dropped: Counter
     active_keys: Gauge
     requests_today: Gauge
     spend_today: Gauge
@@ -91,6 +96,7 @@ class MetricsCollector:
         for spec in SPECS:
             setattr(self, spec.attr, spec.build(self.registry))
         self._trace_seen = (0, 0, 0)
+        self._journal_seen: dict[str, int] = {}
         self.build_info.labels(__version__, platform.python_version()).set(1)
 
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -222,6 +228,22 @@ class MetricsCollector:
             self.ledger_dropped.inc(dropped - self._dropped_seen)
             self._dropped_seen = dropped
 
+    def sample_journal(
+        self, depth: int, size: int, rejected_dropped: int, journaled: int, recovered: int
+    ) -> None:
+        self.journal_depth.set(depth)
+        self.journal_bytes.set(size)
+        # The writer keeps running totals; counters move by what is new since last time.
+        for name, counter, total in (
+            ("rejected_dropped", self.rejected_dropped, rejected_dropped),
+            ("journaled", self.rows_journaled, journaled),
+            ("recovered", self.rows_recovered, recovered),
+        ):
+            seen = self._journal_seen.get(name, 0)
+            if total > seen:
+                counter.inc(total - seen)
+                self._journal_seen[name] = total
+
     def sample_tracing(self, status: ExportStatus) -> None:
         seen = self._trace_seen
         now = (status.spans_exported, status.export_failures, status.spans_dropped)
@@ -295,6 +317,11 @@ class NullMetrics:
         return None
 
     def sample_ledger(self, depth: int, dropped: int) -> None:
+        return None
+
+    def sample_journal(
+        self, depth: int, size: int, rejected_dropped: int, journaled: int, recovered: int
+    ) -> None:
         return None
 
     def sample_tracing(self, status: ExportStatus) -> None:

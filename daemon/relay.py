@@ -172,7 +172,11 @@ async def relay(
             if close is not None:
                 await close()
         usage.upstream_latency_s = time.perf_counter() - upstream_started
-        usage.tokens = tally.tokens if tally.saw_usage else tally.estimate_tokens()
+        if tally.saw_usage:
+            usage.tokens = tally.tokens
+        else:
+            usage.tokens = tally.estimate_tokens()
+            usage.estimated_reason = "stream_cut_before_usage"
         usage.response_model = tally.response_model
         usage.response_id = tally.response_id
         usage.finish_reasons = tuple(tally.finish_reasons)

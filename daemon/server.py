@@ -31,6 +31,7 @@ import uvicorn
 from daemon.app import create_app
 from daemon.config import Settings
 from daemon.ledger import open_store
+from daemon.ledger.base import redact_text, redact_url
 from daemon.lifecycle import Lifecycle
 from daemon.logs import logging_config
 from daemon.state import ensure_admin_key
@@ -100,7 +101,12 @@ def preflight(settings: Settings, environ: Mapping[str, str]) -> None:
         raise StartupError(f"data directory {settings.data_dir}: {exc.strerror or exc}") from None
 
     async def open_ledger() -> None:
-        store = open_store(settings.ledger.url)
+        ledger = settings.ledger
+        store = open_store(
+            ledger.url,
+            migrate="apply" if ledger.migrate_on_start else "check",
+            journal_dir=ledger.journal_dir,
+        )
         try:
             await store.open()
         finally:
@@ -109,7 +115,8 @@ def preflight(settings: Settings, environ: Mapping[str, str]) -> None:
     try:
         asyncio.run(open_ledger())
     except Exception as exc:
-        raise StartupError(f"ledger {settings.ledger.url.split('@')[-1]}: {exc}") from None
+        url = settings.ledger.url
+        raise StartupError(f"ledger {redact_url(url)}: {redact_text(str(exc), url)}") from None
 
 
 def _uvicorn_config(settings: Settings) -> tuple[uvicorn.Config, Lifecycle]:

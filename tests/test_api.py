@@ -226,22 +226,28 @@ def test_429_token_limit(make_client: MakeClient, make_settings: Any) -> None:
     assert r.headers["x-ratelimit-limit-tokens"] == "20"
 
 
-def test_429_budget_exceeded_after_spending(
+def test_429_budget_refusals_say_what_is_left_and_never_overspend(
     tmp_path: Path, make_client: MakeClient, make_settings: Any
 ) -> None:
     config = base_config()
     client = make_client(config)
-    # The mock's price makes a request cost about $0.0000083; allow about two of them.
-    key = new_key(make_settings(config), budget_usd=0.000015)["key"]
-    statuses = [
-        client.post(CHAT, json=chat_body(), headers=bearer(key)).status_code for _ in range(4)
-    ]
-    assert statuses[:2] == [200, 200]
-    assert statuses[2:] == [429, 429]
-    r = client.post(CHAT, json=chat_body(), headers=bearer(key))
+    budget = 0.00003
+    key = new_key(make_settings(config), budget_usd=budget)["key"]
+    body = chat_body(max_tokens=5)  # each request reserves its worst case: prompt + 5 tokens
+    statuses = [client.post(CHAT, json=body, headers=bearer(key)).status_code for _ in range(12)]
+    first_refusal = statuses.index(429)
+    assert first_refusal >= 2 and set(statuses[first_refusal:]) == {429}, statuses
+    r = client.post(CHAT, json=body, headers=bearer(key))
+    error = assert_openai_error(r, 429, "budget_exceeded")
+    assert "retry-after" not in r.headers and r.headers["x-should-retry"] == "false"
+    assert "$0.00003 budget" in error["message"]  # small amounts shown as they are
+    rows = wait_for(lambda: ledger_rows(ledger(tmp_path), "status_code = 200"))
+    assert sum(row["cost_usd"] for row in rows) <= budget
+    # A key with nothing left at all: insufficient_quota, and no Retry-After either.
+    empty = new_key(make_settings(config), budget_usd=0.0)["key"]
+    r = client.post(CHAT, json=body, headers=bearer(empty))
     assert_openai_error(r, 429, "insufficient_quota")
-    assert r.headers["retry-after"]
-    assert r.headers["x-should-retry"] == "false"
+    assert "retry-after" not in r.headers
 
 
 def test_502_upstream_failure_and_ledger_row(
