@@ -105,9 +105,20 @@ class Health:
         self.started = time.time()
 
     def readiness(self) -> tuple[bool, str]:
-        """The ledger's part of /readyz: up through a short outage the journal absorbs."""
+        """The ledger's part of /readyz.
+
+        A shared (PostgreSQL) database going away hits every replica at once: going
+        unready together would turn a blip into an outage, so the replica stays up
+        while its journal absorbs the rows, for ``ready_during_outage_s``. A local
+        SQLite file that breaks is this replica's own fault: unready at once, so the
+        load balancer sends traffic to a replica that can record it.
+        """
         if self.probes.database_ok:
             return True, "ready"
+        if self.settings.ledger.url.startswith("sqlite"):
+            check = self.probes.store_check
+            error = check.error if check is not None and check.error else "unreachable"
+            return False, f"local ledger database failing: {error}"
         return self.ledger.readiness()
 
     def components(self) -> dict[str, Component]:
