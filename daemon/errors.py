@@ -125,10 +125,27 @@ class UpstreamUnavailable(UpstreamError):
 
 
 class UpstreamTimeout(UpstreamError):
+    """The upstream took too long after the request was sent: it may still be
+    generating, and billing, so routing does not retry it elsewhere (docs/routing.md)."""
+
     status_code = 504
     error_type = "timeout"
     code = "upstream_timeout"
     kind = "upstream_timeout"
+
+
+class UpstreamConnectTimeout(UpstreamTimeout):
+    """No connection within the model's ``connect_timeout_s``: the upstream never saw
+    the request, so another attempt is safe."""
+
+    kind = "upstream_connect_timeout"
+
+
+class UpstreamFirstByteTimeout(UpstreamTimeout):
+    """Connected and sent, but no response headers within ``first_byte_timeout_s``.
+    Retryable by the routing contract (nothing reached the client yet)."""
+
+    kind = "upstream_first_byte_timeout"
 
 
 class ClientClosedRequest(GatewayError):
