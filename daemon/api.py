@@ -30,6 +30,7 @@ from daemon.metrics import MetricsCollector
 from daemon.pipeline import Incoming, Stream
 from daemon.requests import read_body
 from daemon.streaming import EventStreamResponse
+from daemon.usage import Usage
 
 JSON = "application/json"
 
@@ -49,17 +50,31 @@ def _json(payload: Any, headers: dict[str, str] | None = None) -> Response:
 
 async def _model_request(request: Request, operation: str) -> Response:
     state = request.scope["state"]
+    pipeline = _gateway(request).pipeline
     incoming = Incoming(
         authorization=_credentials(request),
         request_id=state["request_id"],
         trace_id=state.get("trace_id", ""),
         read_body=lambda limit: read_body(request, limit),
         state=state,
+        cache_control=request.headers.get("cache-control") if pipeline.cache.enabled else None,
     )
-    result = await _gateway(request).pipeline.run(operation, incoming)
+    result = await pipeline.run(operation, incoming)
+    _routing_headers(result.headers, state["usage"])
     if isinstance(result, Stream):
         return EventStreamResponse(result.events, result.headers)
     return Response(result.body, media_type=JSON, headers=result.headers)
+
+
+def _routing_headers(headers: dict[str, str], usage: Usage) -> None:
+    """What served the request (docs/routing.md): the public model that answered, the
+    upstream attempts made, and the cache's verdict when a cache is configured."""
+    if usage.served_model:
+        headers["x-chatvault-model"] = usage.served_model
+    headers["x-chatvault-attempts"] = str(usage.attempts)
+    result = usage.cache_result
+    if result is not None:
+        headers["x-chatvault-cache"] = "bypass" if result == "error" else result
 
 
 async def chat_completions(request: Request) -> Response:

@@ -84,6 +84,10 @@ class ModelConfig(_Strict):
     # provider), or "native": passed through to the upstream's own POST /responses
     # (OpenAI-compatible servers that implement it; stateful features then work).
     responses_api: Literal["translate", "native"] = "translate"
+    # Routing (docs/routing.md): this deployment's share among those of the same name,
+    # and the other public model names tried, in order, when this one cannot answer.
+    weight: float = Field(default=1.0, ge=0)
+    fallbacks: list[str] = []
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -173,6 +177,35 @@ class UpstreamConfig(_Strict):
     max_attempts: int = Field(default=2, ge=1, le=10)
 
 
+class CircuitBreakerConfig(_Strict):
+    failures: int = Field(default=5, gt=0)  # consecutive failures that open a circuit
+    cooldown_s: Positive = 30.0  # then one trial request (half-open)
+
+
+class RoutingConfig(_Strict):
+    """docs/routing.md: strategies, retries, fallbacks, circuits."""
+
+    strategy: Literal["weighted", "least-busy", "latency"] = "weighted"
+    # Extra attempts per model on a retryable failure. Unset: upstream.max_attempts - 1.
+    retries: int | None = Field(default=None, ge=0, le=10)
+    retry_backoff_s: float = Field(default=0.1, ge=0)
+    request_deadline_s: Positive = 120.0
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+
+
+class CacheConfig(_Strict):
+    """The exact-match response cache (docs/routing.md)."""
+
+    enabled: bool = False
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: Annotated[str, AfterValidator(_redis_url)] | None = None  # limits.redis_url
+    ttl_s: Positive = 3600.0
+    max_bytes: int = Field(default=64 * 1024 * 1024, gt=0)  # memory backend's bound
+    scope: Literal["key", "global"] = "key"
+    # n > 1 or a non-zero (or unset, i.e. default 1) temperature: cached only if true.
+    cache_nondeterministic: bool = False
+
+
 class MetricsConfig(_Strict):
     enabled: bool = True
     require_auth: bool = True
@@ -222,6 +255,8 @@ class Settings(_Strict):
     upstream: UpstreamConfig = UpstreamConfig()
     models: list[ModelConfig] = Field(min_length=1)
     monitoring: MonitoringConfig = MonitoringConfig()
+    routing: RoutingConfig = RoutingConfig()
+    cache: CacheConfig = CacheConfig()
     # Where the settings came from; set by load_config, shown by /health.
     source: Path | None = None
 
@@ -235,9 +270,74 @@ class Settings(_Strict):
             seen.add(ident)
         return self
 
+    @model_validator(mode="after")
+    def _fallbacks(self) -> Settings:
+        names = {m.name for m in self.models}
+        for index, model in enumerate(self.models):
+            for j, target in enumerate(model.fallbacks):
+                if target not in names:
+                    raise ValueError(f"models[{index}].fallbacks[{j}]: unknown model {target!r}")
+        cycle = fallback_cycle(self.fallbacks)
+        if cycle:
+            index = next(i for i, m in enumerate(self.models) if m.name == cycle[0])
+            raise ValueError(f"models[{index}].fallbacks: a cycle: {' -> '.join(cycle)}")
+        return self
+
+    @property
+    def fallbacks(self) -> dict[str, list[str]]:
+        """Each public name's fallbacks, in order (entries of one name add theirs)."""
+        out: dict[str, list[str]] = {}
+        for m in self.models:
+            chain = out.setdefault(m.name, [])
+            chain.extend(t for t in m.fallbacks if t not in chain)
+        return out
+
+    @property
+    def retries(self) -> int:
+        r = self.routing.retries
+        return self.upstream.max_attempts - 1 if r is None else r
+
+    @property
+    def circuit_failures(self) -> int:
+        """routing.circuit_breaker.failures; an older config's health.failure_threshold
+        still counts when the circuit breaker is not configured."""
+        health = self.monitoring.health
+        if "circuit_breaker" not in self.routing.model_fields_set and (
+            "failure_threshold" in health.model_fields_set
+        ):
+            return health.failure_threshold
+        return self.routing.circuit_breaker.failures
+
+    @property
+    def cache_redis_url(self) -> str:
+        return self.cache.redis_url or self.limits.redis_url
+
     @property
     def state_file(self) -> Path:
         return self.data_dir / "state.json"
+
+
+def fallback_cycle(graph: Mapping[str, list[str]]) -> list[str]:
+    """A cycle in the fallback graph, as the names along it (first repeated last), or []."""
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> list[str]:
+        if name in path:
+            return [*path[path.index(name) :], name]
+        if name in done:
+            return []
+        for target in graph.get(name, ()):
+            found = visit(target, [*path, name])
+            if found:
+                return found
+        done.add(name)
+        return []
+
+    for name in graph:
+        found = visit(name, [])
+        if found:
+            return found
+    return []
 
 
 def _format_location(loc: tuple[int | str, ...]) -> str:

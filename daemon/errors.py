@@ -22,6 +22,8 @@ class GatewayError(Exception):
     code: str | None = "internal_error"
     # Short, bounded name for metrics labels, the ledger and span error.type.
     kind = "internal"
+    # The upstream's HTTP status when it answered with an error (routing retries 5xx).
+    upstream_status: int | None = None
 
     def __init__(
         self,

@@ -20,9 +20,10 @@ from typing import Any
 import aiohttp
 
 from daemon.admission import Admission
-from daemon.attempts import UpstreamCaller
+from daemon.attempts import RetryPolicy, UpstreamCaller
 from daemon.auth import Authenticator
-from daemon.availability import Availability
+from daemon.availability import CIRCUIT_RANK, Availability, deployment_label
+from daemon.cache import AnyCache, ResponseCache, open_cache
 from daemon.config import Settings
 from daemon.deployment import Deployment, build_deployments
 from daemon.health import Health
@@ -40,9 +41,11 @@ from daemon.quota_redis import RedisQuota
 from daemon.router import Router
 from daemon.sinks import (
     Accounting,
+    CacheSink,
     LedgerSink,
     MetricsSink,
     QuotaSink,
+    RoutingSink,
     SpanSink,
 )
 from daemon.state import AdminKey, ensure_admin_key
@@ -86,6 +89,7 @@ class Gateway:
             journal_dir=ledger.journal_dir,
         )
         self.quota: Quota = quota or open_quota(settings)
+        self.cache: AnyCache = open_cache(settings)
         self.writer = LedgerWriter(
             self.store,
             batch_size=settings.ledger.batch_size,
@@ -116,6 +120,9 @@ class Gateway:
             await self.quota.start()
             # Closed after the writer: its last batches still raise the spend floors.
             self._stack.push_async_callback(self.quota.aclose)
+            if isinstance(self.cache, ResponseCache):
+                await self.cache.backend.start()  # an unreachable Redis: refuse to start
+                self._stack.push_async_callback(self.cache.backend.aclose)
             self.auth = Authenticator(
                 self.store,
                 admin_key_hash=hash_key(self.admin_key.key),
@@ -150,11 +157,21 @@ class Gateway:
     def _compose(self, deployments: list[Deployment]) -> None:
         """Wire the request pipeline and health from the opened resources."""
         s = self.settings
-        self.availability = Availability(
-            deployments, failure_threshold=s.monitoring.health.failure_threshold
-        )
-        self.router = Router(deployments, self.availability.is_up)
         metrics = self.metrics
+        self.availability = Availability(
+            deployments,
+            failure_threshold=s.circuit_failures,
+            cooldown_s=s.routing.circuit_breaker.cooldown_s,
+            on_change=self._circuit_changed,
+        )
+        for d in deployments:
+            self._circuit_changed(d, "closed")
+        self.router = Router(
+            deployments,
+            self.availability.is_up,
+            fallbacks=s.fallbacks,
+            strategy=s.routing.strategy,
+        )
         self.probes = Probes(
             store=self.store,
             availability=self.availability,
@@ -176,6 +193,7 @@ class Gateway:
             quota=self.quota.status,
             export_status=self.tracing.export_status,
             metrics_multiprocess=metrics.multiprocess if metrics.enabled else None,
+            cache=self.cache.status,
             clock=self.clock,
         )
         self.probes.after_round.append(self._sample_health)
@@ -185,6 +203,8 @@ class Gateway:
                 LedgerSink(self.writer),
                 QuotaSink(self.quota),
                 MetricsSink(metrics),
+                RoutingSink(self.router),
+                CacheSink(self.cache, metrics),
                 SpanSink(self.tracing),
             ],
         )
@@ -196,12 +216,22 @@ class Gateway:
                 self.quota, metrics, default_max_tokens=s.limits.default_max_tokens
             ),
             caller=UpstreamCaller(
-                self.availability, self.tracing, max_attempts=s.upstream.max_attempts
+                self.availability,
+                self.router,
+                self.tracing,
+                metrics,
+                policy=RetryPolicy(
+                    retries=s.retries,
+                    backoff_s=s.routing.retry_backoff_s,
+                    deadline_s=s.routing.request_deadline_s,
+                    default_timeout_s=s.upstream.timeout_s,
+                ),
             ),
             accounting=accounting,
             tracing=self.tracing,
             clock=self.clock,
             max_body_bytes=s.server.max_body_bytes,
+            cache=self.cache,
         )
 
     async def stop(self) -> None:
@@ -232,6 +262,9 @@ class Gateway:
         self._background(warm(), "chatvault-warmup")
 
     # -- telemetry glue ---------------------------------------------------------
+
+    def _circuit_changed(self, d: Deployment, state: str) -> None:
+        self.metrics.set_circuit(d.name, deployment_label(d), CIRCUIT_RANK[state])
 
     def _on_auth_attempt(self, result: str) -> None:
         self.metrics.record_auth_attempt(result)

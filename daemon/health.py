@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from daemon import __version__
-from daemon.availability import Availability
+from daemon.availability import OPEN, Availability, deployment_label
+from daemon.cache import CacheStatus
 from daemon.config import Settings
 from daemon.probes import Probes
 from daemon.quota import QuotaStatus
@@ -90,6 +91,7 @@ class Health:
         quota: QuotaStatus,
         export_status: ExportStatus | None,  # None: tracing is off
         metrics_multiprocess: bool | None,  # None: metrics are off
+        cache: CacheStatus | None = None,  # None: no response cache
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -101,6 +103,7 @@ class Health:
         self.quota = quota
         self.export_status = export_status
         self.metrics_multiprocess = metrics_multiprocess
+        self.cache = cache
         self.clock = clock
         self.started = time.time()
 
@@ -275,9 +278,14 @@ class Health:
 
     def _external_apis(self) -> Component:
         upstreams = self.availability.upstreams
+        cache = self._cache_details()
         if not upstreams:
-            return Component(HEALTHY, "no external upstreams configured", {"upstreams": {}})
+            details: dict[str, Any] = {"upstreams": {}, **cache}
+            if self.cache is not None and not self.cache.reachable:
+                return Component(DEGRADED, f"response cache: {self.cache.last_error}", details)
+            return Component(HEALTHY, "no external upstreams configured", details)
         entries = {}
+        av = self.availability
         for u in upstreams.values():
             entries[u.name] = {
                 "url": u.url,
@@ -285,10 +293,29 @@ class Health:
                 "latency_ms": round(u.latency_s * 1000, 1) if u.latency_s is not None else None,
                 "last_error": u.error,
                 "checked_at": u.checked_at,
+                # Its deployments' circuit breakers: traffic's view of the same server.
+                "circuits": {deployment_label(d): av.circuit_view(d) for d in u.deployments},
             }
         down = [u.name for u in upstreams.values() if u.reachable is False]
         pending = [u.name for u in upstreams.values() if u.reachable is None]
-        details = {"upstreams": entries}
+        tripped = [
+            u.name
+            for u in upstreams.values()
+            if u.reachable is not False
+            and all(av.circuits[d.index].state == OPEN for d in u.deployments)
+        ]
+        details = {"upstreams": entries, **cache}
+        if tripped and len(down) + len(tripped) == len(upstreams):
+            return Component(
+                UNHEALTHY,
+                "no upstream is usable: "
+                + ", ".join(down + [f"{n} (circuit open)" for n in tripped]),
+                details,
+            )
+        if tripped:
+            return Component(DEGRADED, "circuit open: " + ", ".join(tripped), details)
+        if self.cache is not None and not self.cache.reachable:
+            return Component(DEGRADED, f"response cache: {self.cache.last_error}", details)
         if len(down) == len(upstreams):
             return Component(UNHEALTHY, "no upstream is reachable: " + ", ".join(down), details)
         if down:
@@ -297,6 +324,21 @@ class Health:
             return Component(HEALTHY, "first check pending for " + ", ".join(pending), details)
         return Component(HEALTHY, f"{len(upstreams)} reachable", details)
 
+    def _cache_details(self) -> dict[str, Any]:
+        c = self.cache
+        if c is None:
+            return {}
+        return {
+            "response_cache": {
+                "backend": c.backend,
+                "reachable": c.reachable,
+                "last_error": c.last_error,
+                "errors": c.errors,
+                "entries": c.entries if c.backend == "memory" else None,
+                "bytes": c.bytes if c.backend == "memory" else None,
+            }
+        }
+
     def _models(self) -> Component:
         models: dict[str, dict[str, Any]] = {}
         for d in self.availability.deployments:
@@ -304,10 +346,12 @@ class Health:
             problem = self.availability.problem(d)
             entry["deployments"].append(
                 {
+                    "deployment": deployment_label(d),
                     "provider": d.provider_name,
                     "model": d.upstream_model,
                     "available": problem is None,
                     "reason": problem,
+                    "circuit": self.availability.circuit_view(d),
                 }
             )
             if problem is None:

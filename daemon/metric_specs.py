@@ -65,6 +65,12 @@ SPECS = (
     Spec("ttft", Histogram, "chatvault_time_to_first_token_seconds", "Time from arrival to the first streamed token sent to the client.", _MODEL_USER, TTFT_BUCKETS),
     Spec("tpot", Histogram, "chatvault_time_per_output_token_seconds", "Streaming decode time per output token after the first.", _MODEL, TPOT_BUCKETS),
     Spec("overhead", Histogram, "chatvault_gateway_overhead_seconds", "The gateway's own share of a request: total duration minus upstream time.", _MODEL, OVERHEAD_BUCKETS),
+    # Routing and the response cache (docs/routing.md); deployment is "models[i]", never a URL
+    Spec("routing_attempts", Counter, "chatvault_routing_attempts", "Upstream attempts by the public model and deployment tried; outcome is success or the error kind.", ("model", "deployment", "outcome")),
+    Spec("fallbacks", Counter, "chatvault_fallbacks", "Requests handed from a model to its fallback, by the reason the model could not answer.", ("from_model", "to_model", "reason")),
+    Spec("circuit_state", Gauge, "chatvault_circuit_state", "Each deployment's circuit breaker: 0 closed, 1 half-open (trial), 2 open (skipped).", ("model", "deployment"), mode="max"),
+    Spec("cache_requests", Counter, "chatvault_cache_requests", "Response cache lookups: hit, miss, bypass (Cache-Control), error (backend unreachable).", ("model", "result")),
+    Spec("cache_saved", Counter, "chatvault_cache_saved_usd", "What cache hits would have cost upstream, USD.", ("model",)),
     # Access control
     Spec("rate_limited", Counter, "chatvault_rate_limit_violations", "Requests refused by a limit: rpm, tpm or budget.", ("limit_type", "user_type")),
     Spec("limits_fail_open", Counter, "chatvault_limits_fail_open", "Requests admitted without a limit check because the shared limit store was unreachable (limits.on_backend_error: allow)."),

@@ -52,6 +52,11 @@ class MetricsCollector:
     ttft: Histogram
     tpot: Histogram
     overhead: Histogram
+    routing_attempts: Counter
+    fallbacks: Counter
+    circuit_state: Gauge
+    cache_requests: Counter
+    cache_saved: Counter
     rate_limited: Counter
     limits_fail_open: Counter
     auth_attempts: Counter
@@ -187,6 +192,20 @@ class MetricsCollector:
                     (u.latency_s - u.ttft_s) / (u.tokens.output - 1)
                 )
 
+    def record_attempt(self, model: str, deployment: str, outcome: str) -> None:
+        self._child(self.routing_attempts, model, deployment, outcome).inc()
+
+    def record_fallback(self, from_model: str, to_model: str, reason: str) -> None:
+        self._child(self.fallbacks, from_model, to_model, reason).inc()
+
+    def set_circuit(self, model: str, deployment: str, rank: int) -> None:
+        self._child(self.circuit_state, model, deployment).set(rank)
+
+    def record_cache(self, model: str, result: str, saved_usd: float) -> None:
+        self._child(self.cache_requests, model, result).inc()
+        if saved_usd:
+            self._child(self.cache_saved, model).inc(saved_usd)
+
     def record_auth_attempt(self, result: str) -> None:
         method = "none" if result == "missing" else "bearer"
         self._child(self.auth_attempts, method, result).inc()
@@ -294,6 +313,18 @@ class NullMetrics:
         return None
 
     def record_auth_attempt(self, result: str) -> None:
+        return None
+
+    def record_attempt(self, model: str, deployment: str, outcome: str) -> None:
+        return None
+
+    def record_fallback(self, from_model: str, to_model: str, reason: str) -> None:
+        return None
+
+    def set_circuit(self, model: str, deployment: str, rank: int) -> None:
+        return None
+
+    def record_cache(self, model: str, result: str, saved_usd: float) -> None:
         return None
 
     def record_rate_limit(self, limit_type: str, user_type: str) -> None:

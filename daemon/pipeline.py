@@ -26,6 +26,7 @@ from typing import Any
 from daemon.admission import Admission
 from daemon.attempts import UpstreamCaller
 from daemon.auth import Authenticator, Principal
+from daemon.cache import AnyCache, DisabledCache, Entry, collect, replay, replay_stream
 from daemon.lifecycle import Lifecycle
 from daemon.providers.base import UpstreamCall
 from daemon.relay import StreamTally, ask_for_usage, observe, relay
@@ -46,6 +47,7 @@ class Incoming:
     trace_id: str
     read_body: Callable[[int], Awaitable[bytes]]  # raises 413 past the limit
     state: MutableMapping[str, Any]  # the request's scope state; the access log reads "usage"
+    cache_control: str | None = None  # the client's Cache-Control (read only with a cache)
 
 
 @dataclass(slots=True)
@@ -73,6 +75,7 @@ class Pipeline:
         tracing: AnyTracing,
         clock: Callable[[], float],
         max_body_bytes: int,
+        cache: AnyCache | None = None,
     ) -> None:
         self.auth = auth
         self.router = router
@@ -83,6 +86,7 @@ class Pipeline:
         self.tracing = tracing
         self.clock = clock
         self.max_body_bytes = max_body_bytes
+        self.cache: AnyCache = cache or DisabledCache()
 
     async def run(self, operation: str, incoming: Incoming) -> Answer | Stream:
         principal = await self.auth.authenticate(incoming.authorization)
@@ -109,15 +113,24 @@ class Pipeline:
             usage.known_model = self.router.knows(model)
             self.lifecycle.check_accepting()
             plan = self.router.plan(model)
-            # Admit.
             principal.require_model(model)
-            prices = [d.price for d in plan]
+            # The response cache: a hit neither reserves budget nor reaches an upstream.
+            if self.cache.enabled and operation == "chat":
+                entry = await self.cache.lookup(
+                    principal.key_id, body, incoming.cache_control, usage
+                )
+                if entry is not None:
+                    return self._hit(entry, usage, stream, client_wants_usage)
+            # Admit.
+            prices = [d.price for leg in plan.legs for d in leg.deployments]
             decision = await self.admission.admit(principal, usage, body, len(raw), prices)
             headers = dict(decision.headers)
             # Call the upstream, and account.
             call = UpstreamCall(operation=operation, body=body, stream=stream, adapter=surface)
             if not stream:
                 reply = await self.caller.complete(plan, call, usage)
+                if usage.cache_write is not None:
+                    usage.cache_write.body = reply.body
                 self.accounting.finish(usage)
                 return Answer(reply.body, headers)
             tally = StreamTally.for_request(
@@ -125,12 +138,26 @@ class Pipeline:
             )
             ask_for_usage(body)
             events = await self.caller.open_stream(plan, call, usage)
+            if usage.cache_write is not None:
+                events = collect(events, usage.cache_write, self.cache.max_entry_bytes)
         except BaseException as exc:  # every authenticated request leaves a ledger row
             self.accounting.fail(usage, exc)
             raise
         # The relay accounts for the stream when it ends, however it ends.
         observer = observe if surface is None else surface.observe
         return Stream(relay(events, tally, usage, self.accounting.finish, observer), headers)
+
+    def _hit(
+        self, entry: Entry, usage: Usage, stream: bool, client_wants_usage: bool
+    ) -> Answer | Stream:
+        """Answer from the cache: no cost, and the saving on record."""
+        usage.served_model = entry.model
+        usage.provider, usage.upstream_model = entry.provider, entry.upstream_model
+        usage.saved_usd = entry.cost_usd
+        self.accounting.finish(usage)
+        if stream:
+            return Stream(replay_stream(replay(entry.body, client_wants_usage)), {})
+        return Answer(entry.body, {})
 
     def _new_usage(self, operation: str, principal: Principal, incoming: Incoming) -> Usage:
         instrument_authentication("success", principal.key_id, principal.user_type)

@@ -18,12 +18,14 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+from daemon.cache import AnyCache
 from daemon.deployment import Deployment
 from daemon.errors import as_gateway_error
 from daemon.ledger.writer import LedgerWriter
 from daemon.metrics import AnyMetrics
 from daemon.pricing import cost_usd
 from daemon.quota import Quota
+from daemon.router import Router
 from daemon.tracing import AnyTracing, end_chat_completion
 from daemon.usage import Usage
 
@@ -62,6 +64,41 @@ class MetricsSink:
 
     def record(self, usage: Usage) -> None:
         self.metrics.record_usage(usage)
+
+
+class RoutingSink:
+    """Release the serving deployment's in-flight count, and teach the latency strategy
+    how long it took (to the first token of a stream: what a client waits for)."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def record(self, usage: Usage) -> None:
+        deployment = usage.in_flight
+        if deployment is None:
+            return
+        usage.in_flight = None
+        latency = None
+        if usage.ok:
+            latency = usage.ttft_s if usage.stream else usage.upstream_latency_s
+        self.router.ended(deployment, latency)
+
+
+class CacheSink:
+    """Store a miss's complete answer, and count every lookup (with a hit's saving)."""
+
+    def __init__(self, cache: AnyCache, metrics: AnyMetrics) -> None:
+        self.cache = cache
+        self.metrics = metrics
+
+    def record(self, usage: Usage) -> None:
+        result = usage.cache_result
+        if result is None:
+            return
+        model = usage.model if usage.known_model else "unknown"
+        self.metrics.record_cache(model, result, usage.saved_usd)
+        if usage.cache_write is not None and self.cache.enabled:
+            self.cache.store(usage)
 
 
 class SpanSink:

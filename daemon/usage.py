@@ -93,6 +93,14 @@ class Usage:
     response_model: str = ""
     response_id: str = ""
     finish_reasons: tuple[str, ...] = ()
+    # Routing and the cache (docs/routing.md): the public model and the deployment
+    # ("models[2]") that answered, upstream attempts made, hit | miss | bypass (None: no
+    # cache), and what a hit would have cost.
+    served_model: str = ""
+    deployment: str = ""
+    attempts: int = 0
+    cache_result: str | None = None
+    saved_usd: float = 0.0
     # Not stored: perf_counter() at arrival, for durations; the deployment that served;
     # the open upstream span, ended with the outcome; captured output (capture_content).
     perf_start: float = 0.0
@@ -101,6 +109,8 @@ class Usage:
     quota_ticket: Any = None  # what admission reserved, settled when the request ends
     output_text: str | None = None
     output_body: bytes | None = None  # a non-streamed reply, kept for its span (capture_content)
+    in_flight: Any = None  # the deployment counted in flight, released when the request ends
+    cache_write: Any = None  # what to store in the response cache if the answer completes
     attempt_started: float = 0.0  # perf_counter() when the serving attempt began (span timings)
     finished: bool = False  # accounted once, whatever path ends the request
     # Read back from a journal left by an earlier process: its spend was never pending

@@ -142,8 +142,13 @@ def test_only_dead_models_is_unhealthy_but_live(make_client: MakeClient) -> None
     assert client.get("/livez").status_code == 200
 
 
-def test_traffic_marks_a_model_down_before_the_next_probe(make_client: MakeClient) -> None:
+def test_traffic_opens_a_circuit_that_a_probe_closes_only_after_the_cooldown(
+    make_client: MakeClient,
+) -> None:
+    """Issue #13's hysteresis: failing traffic keeps a deployment down until the
+    cool-down has passed; a good probe before that does not bring it back (it flapped)."""
     state = Upstream(status=500)  # lists its models fine, fails every completion
+    chat = {"model": "flaky", "messages": [{"role": "user", "content": "x"}]}
     with ServerThread(openai_upstream(state)) as upstream:
         flaky = {
             "name": "flaky",
@@ -151,35 +156,31 @@ def test_traffic_marks_a_model_down_before_the_next_probe(make_client: MakeClien
             "model": "m",
             "api_base": upstream.url + "/v1",
         }
-        client = make_client(config(models=[{"name": "mock", "provider": "mock"}, flaky]))
+        c = config(models=[{"name": "mock", "provider": "mock"}, flaky])
+        c["routing"] = {"retries": 0, "circuit_breaker": {"failures": 3, "cooldown_s": 1.5}}
+        client = make_client(c)
         assert fresh(client)[1]["components"]["models"]["status"] == "healthy"
         for _ in range(3):
-            r = client.post(
-                "/v1/chat/completions",
-                json={"model": "flaky", "messages": [{"role": "user", "content": "x"}]},
-                headers=ADMIN,
-            )
-            assert r.status_code == 502
-        body = client.get("/health", headers=ADMIN).json()
+            assert client.post("/v1/chat/completions", json=chat, headers=ADMIN).status_code == 502
+        # The good probe of this round comes before the cool-down: the circuit stays open.
+        body = fresh(client)[1]
         flaky_state = body["components"]["models"]["models"]["flaky"]
-        assert (
-            not flaky_state["available"]
-            and "consecutive upstream failures" in flaky_state["reason"]
-        )
-        # The probe still succeeds (its listing works): the next round does not hide a live model forever.
+        (deployment,) = flaky_state["deployments"]
+        assert not flaky_state["available"] and deployment["circuit"]["state"] == "open"
+        assert "3 consecutive upstream failures (upstream_error)" in flaky_state["reason"]
+        (api,) = body["components"]["external_apis"]["upstreams"].values()
+        assert api["reachable"] is True and api["circuits"]["models[1]"]["state"] == "open"
+        # While open it is skipped: the upstream sees nothing, the client a 503 at once.
+        posts = len(state.posts())
+        r = client.post("/v1/chat/completions", json=chat, headers=ADMIN)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "circuit_open"
+        assert len(state.posts()) == posts
+        # After the cool-down a good probe closes it.
         state.status = 200
-        assert (
-            client.post(
-                "/v1/chat/completions",
-                json={"model": "flaky", "messages": [{"role": "user", "content": "x"}]},
-                headers=ADMIN,
-            ).status_code
-            == 200
+        wait_for(
+            lambda: fresh(client)[1]["components"]["models"]["status"] == "healthy", timeout=10
         )
-        assert (
-            client.get("/health", headers=ADMIN).json()["components"]["models"]["status"]
-            == "healthy"
-        )
+        assert client.post("/v1/chat/completions", json=chat, headers=ADMIN).status_code == 200
 
 
 def test_a_dead_trace_collector_only_degrades(make_client: MakeClient) -> None:

@@ -206,7 +206,9 @@ def test_db_status_and_migrate_commands(tmp_path: Path) -> None:
     status = cli("db", "status", "--json", "--config", str(config_path))
     assert status.returncode == 0, status.stderr
     before = json.loads(status.stdout)
-    assert before["legacy"] and [p["version"] for p in before["pending"]] == [1, 2]
+    assert before["legacy"] and [p["version"] for p in before["pending"]] == list(
+        range(1, LATEST + 1)
+    )
     text = cli("db", "status", "--config", str(config_path))
     assert "before versions existed" in text.stdout and "chatvault db migrate" in text.stdout
     migrated = cli("db", "migrate", "--config", str(config_path))

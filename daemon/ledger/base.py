@@ -43,6 +43,11 @@ REQUEST_COLUMNS = (
     "row_id",
     "estimated",
     "estimated_reason",
+    "served_model",
+    "deployment",
+    "attempts",
+    "cache_result",
+    "saved_usd",
 )
 
 KEY_COLUMNS = (
@@ -59,6 +64,8 @@ KEY_COLUMNS = (
     "revoked_at",
     "spend_usd",
 )
+
+_ROUTING_FROM = REQUEST_COLUMNS.index("served_model")  # columns before migration 3
 
 
 def usage_row(u: Usage) -> tuple[Any, ...]:
@@ -87,11 +94,21 @@ def usage_row(u: Usage) -> tuple[Any, ...]:
         u.row_id,
         u.estimated_reason is not None,
         u.estimated_reason,
+        u.served_model or None,
+        u.deployment or None,
+        u.attempts,
+        u.cache_result,
+        u.saved_usd,
     )
 
 
 def usage_from_row(row: Sequence[Any], *, recovered: bool = False) -> Usage:
-    """The ``Usage`` a stored row (``usage_row``'s tuple, e.g. from the journal) describes."""
+    """The ``Usage`` a stored row (``usage_row``'s tuple, e.g. from the journal) describes.
+
+    A journal written by the release before routing has rows without the last five
+    columns: they read as a single attempt, no cache."""
+    if len(row) == _ROUTING_FROM:
+        row = (*row, None, None, 1, None, 0.0)
     (
         request_id,
         ts,
@@ -116,6 +133,11 @@ def usage_from_row(row: Sequence[Any], *, recovered: bool = False) -> Usage:
         row_id,
         _estimated,
         estimated_reason,
+        served_model,
+        deployment,
+        attempts,
+        cache_result,
+        saved_usd,
     ) = row
     return Usage(
         request_id=request_id,
@@ -137,6 +159,11 @@ def usage_from_row(row: Sequence[Any], *, recovered: bool = False) -> Usage:
         trace_id=trace_id,
         row_id=row_id,
         estimated_reason=estimated_reason,
+        served_model=served_model or "",
+        deployment=deployment or "",
+        attempts=attempts,
+        cache_result=cache_result,
+        saved_usd=saved_usd,
         recovered=recovered,
         finished=True,
     )

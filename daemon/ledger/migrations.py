@@ -144,6 +144,26 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE keys ALTER COLUMN rpm TYPE BIGINT, ALTER COLUMN tpm TYPE BIGINT",
         ),
     ),
+    Migration(
+        3,
+        "routing and the response cache: model and deployment that answered, attempts, "
+        "cache result, saved cost",
+        (
+            "ALTER TABLE requests ADD COLUMN served_model TEXT",
+            "ALTER TABLE requests ADD COLUMN deployment TEXT",
+            "ALTER TABLE requests ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE requests ADD COLUMN cache_result TEXT",
+            "ALTER TABLE requests ADD COLUMN saved_usd REAL NOT NULL DEFAULT 0",
+        ),
+        (
+            "ALTER TABLE requests"
+            " ADD COLUMN served_model TEXT,"
+            " ADD COLUMN deployment TEXT,"
+            " ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0,"
+            " ADD COLUMN cache_result TEXT,"
+            " ADD COLUMN saved_usd DOUBLE PRECISION NOT NULL DEFAULT 0",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

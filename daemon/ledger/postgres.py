@@ -44,6 +44,8 @@ _COLUMN_TYPES = {
     "upstream_latency_s": "float8",
     "ttft_s": "float8",
     "estimated": "bool",
+    "attempts": "int4",
+    "saved_usd": "float8",
 }
 # One statement per batch: the rows as column arrays, duplicates (by row_id) skipped,
 # and the inserted rows' spend returned so it is added in the same transaction.

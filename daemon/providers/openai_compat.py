@@ -169,7 +169,12 @@ class OpenAICompatProvider:
                 body = b""
             finally:
                 response.release()
-            raise upstream_status_error(response.status, body, self.name)
+            error = upstream_status_error(response.status, body, self.name)
+            error.upstream_status = response.status  # routing retries 5xx (docs/routing.md)
+            wait = response.headers.get("retry-after", "")
+            if response.status == 429 and wait.isdigit():
+                error.headers["Retry-After"] = wait  # the upstream's own, not a guess
+            raise error
         return response
 
     async def _post_json(self, path: str, call: UpstreamCall) -> Reply:
