@@ -96,6 +96,19 @@ def _settings(config: Path | None) -> Any:
         raise typer.Exit(2) from None
 
 
+def _check_cache_backend(settings: Any) -> None:
+    """A response cache on a Redis that cannot be reached is a configuration error (at
+    run time the cache only degrades); raises ConfigError with the key's path."""
+    if not settings.cache.enabled or settings.cache.backend != "redis":
+        return
+    from daemon.cache import check_backend
+    from daemon.config import ConfigError
+
+    problem = check_backend(settings)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
 # -- serve -----------------------------------------------------------------------
 
 
@@ -107,7 +120,14 @@ def serve(
     workers: Annotated[int | None, typer.Option(min=1, max=64, help="Worker processes")] = None,
 ) -> None:
     """Run the gateway in the foreground until SIGTERM or Ctrl-C."""
+    from daemon.config import ConfigError
+
     settings = _settings(config)
+    try:
+        _check_cache_backend(settings)
+    except ConfigError as exc:
+        render.error(err, str(exc))
+        raise typer.Exit(2) from None
     if settings.source is None:  # the built-in default: say where its data and key are
         defaults.announce(settings, os.environ)
     # The daemon manages prometheus_client's multiprocess directory itself (one per
@@ -144,6 +164,7 @@ def config_check(config: ConfigOption = None, json_out: JsonOption = False) -> N
     path = config or default_config_path(os.environ)
     try:
         settings = load_config(path)
+        _check_cache_backend(settings)
     except ConfigError as exc:
         if json_out:
             _print_json({"valid": False, "path": str(path), "errors": str(exc).splitlines()})

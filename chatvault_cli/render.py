@@ -326,13 +326,23 @@ def key_figures(name: str, c: dict[str, Any]) -> str:
         parts = [
             f"{up}/{len(ups)} reachable" if ups else None,
             f"max {max(latencies):g} ms" if latencies else None,
+            "response cache unreachable"
+            if (c.get("response_cache") or {}).get("reachable") is False
+            else None,
         ]
     elif name == "models":
         models = c.get("models") or {}
+        opened = [
+            d.get("deployment", "?")
+            for m in models.values()
+            for d in m.get("deployments") or ()
+            if (d.get("circuit") or {}).get("state") in ("open", "half_open")
+        ]
         parts = [
             f"{sum(1 for m in models.values() if m.get('available'))}/{len(models)} available"
             if models
-            else None
+            else None,
+            f"circuit open: {', '.join(opened)}" if opened else None,
         ]
     return ", ".join(p for p in parts if p)
 

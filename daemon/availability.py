@@ -189,7 +189,9 @@ class Availability:
             return f"upstream unreachable: {upstream.error}"
         circuit = self.circuits[d.index]
         if circuit.state == OPEN:
-            return f"circuit open: {circuit.reason}; trial in {self.retry_in(d):.0f}s"
+            wait = self.retry_in(d)
+            if wait > 0:  # past the cool-down it is due a trial: up, for the router
+                return f"circuit open: {circuit.reason}; trial in {wait:.0f}s"
         return None
 
     def is_up(self, d: Deployment) -> bool:

@@ -27,6 +27,7 @@ from daemon.errors import (
     InvalidRequest,
     RateLimited,
     UpstreamError,
+    UpstreamFirstByteTimeout,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -160,6 +161,10 @@ class OpenAICompatProvider:
             options["timeout"] = timeout
         try:
             response = await self.session.post(self.base + path, **options)
+        except aiohttp.SocketTimeoutError as exc:  # connected, no response headers in time
+            raise UpstreamFirstByteTimeout(
+                f"The upstream ({self.name}) did not start its answer in time."
+            ) from exc
         except _TRANSPORT_ERRORS as exc:
             raise transport_error(exc, self.name) from exc
         if response.status >= 400:
