@@ -339,6 +339,78 @@ def measure_variants(
     ]
 
 
+def routing_config(
+    directory: Path, upstream: int, otlp: int, deployments: int, cache: bool
+) -> Path:
+    """All features on; ``deployments`` entries of the model ``bench`` (weighted, the
+    default strategy), and the memory response cache on or off."""
+    models = [
+        {
+            "name": "bench",
+            "provider": "openai",
+            "model": f"bench-model-{i}",
+            "api_base": f"http://127.0.0.1:{upstream}/v1",
+            "pricing": {"input_per_million": 0.15, "output_per_million": 0.60},
+        }
+        for i in range(deployments)
+    ]
+    extra: dict[str, Any] = {"models": models}
+    if cache:
+        extra["cache"] = {"enabled": True, "backend": "memory"}
+    return gateway_config(directory, upstream, otlp, tracing=True, metrics=True, extra=extra)
+
+
+# name, deployments, cache on, the client's Cache-Control (no-cache: a proxied miss that
+# is hashed and stored, as every miss is, without the lookup that would hit)
+ROUTING_VARIANTS = (
+    ("one-deployment", 1, False, None),
+    ("three-deployments", 3, False, None),
+    ("cache-miss", 1, True, "no-cache"),
+    ("cache-hit", 1, True, None),
+)
+
+
+def measure_routing(
+    procs: Processes, directory: Path, upstream: int, otlp: int, sizes: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """CPU per request of a cache hit against a proxied miss, and of the routing
+    decision (three deployments against one), side by side in interleaved rounds."""
+    body = json.dumps({**PROMPT, "temperature": 0}).encode()  # cacheable
+    gateways: dict[str, Gateway] = {}
+    requests: dict[str, bytes] = {}
+    for name, deployments, cache, control in ROUTING_VARIANTS:
+        gw = gateways[name] = start_gateway(
+            procs, routing_config(directory / name, upstream, otlp, deployments, cache)
+        )
+        headers = {"authorization": f"Bearer {gw.key}"}
+        if control:
+            headers["cache-control"] = control
+        requests[name] = load.build_request(
+            "127.0.0.1", gw.port, "/v1/chat/completions", body, headers
+        )
+        run_load(gw.port, requests[name], 8, count=sizes["warmup"])
+    cpu: dict[str, list[float]] = {name: [] for name in gateways}
+    errors = 0
+    for _ in range(sizes["rounds"]):
+        for name, gw in gateways.items():
+            used, e = cpu_per_request(gw, requests[name], sizes["cpu"])
+            cpu[name].append(used)
+            errors += e
+    for gw in gateways.values():
+        procs.stop(gw.process)
+    base = statistics.median(cpu["one-deployment"])
+    return [
+        {
+            "variant": name,
+            "cpu_ms_per_request": round(statistics.median(cpu[name]), 3),
+            "cpu_ratio_to_one_deployment": round(statistics.median(cpu[name]) / base, 3),
+            "rounds": sizes["rounds"],
+            "errors": errors,
+        }
+        for name in gateways
+    ]
+
+
 def ledger_cpu_per_row(directory: Path, rows: int, postgres_url: str | None = None) -> float:
     """CPU of writing ledger rows in batches of 500, measured on its own (in the daemon
     it runs on the writer thread, off the request path). For PostgreSQL this is the
@@ -504,6 +576,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         results["features"] = variants = measure_variants(
             procs, directory, upstream_port, otlp_port, sizes
         )
+        results["routing"] = measure_routing(procs, directory, upstream_port, otlp_port, sizes)
         ledger_us = ledger_cpu_per_row(directory, sizes["ledger_rows"])
         results["ledger"] = {
             "cpu_us_per_row": ledger_us,
@@ -576,6 +649,15 @@ def table(r: dict[str, Any]) -> str:
         lines.append(
             f"{v['variant']:36} {v['cpu_ms_per_request']:>11} {v['cpu_ratio_to_all_on']:>7} {v['c1_p50_ms']:>11}"
         )
+    if r.get("routing"):
+        lines += [
+            "",
+            f"{'routing and cache (median of rounds)':36} {'CPU ms/req':>11} {'ratio':>7}",
+        ]
+        for v in r["routing"]:
+            lines.append(
+                f"{v['variant']:36} {v['cpu_ms_per_request']:>11} {v['cpu_ratio_to_one_deployment']:>7}"
+            )
     return "\n".join(lines)
 
 

@@ -189,12 +189,19 @@ class UpstreamCaller:
                 made += 1
                 usage.attempts += 1
                 try:
-                    return await self._one(leg.model, d, call, usage, attempt, deadline)
+                    result = await self._one(leg.model, d, call, usage, attempt, deadline)
                 except GatewayError as exc:
                     why = retry_reason(exc)
                     if why is None:
                         raise
                     last, previous, reason = exc, d, why
+                    continue
+                if last is not None or n:  # retried or fell back: say so on the request's span
+                    trace.get_current_span().set_attributes(
+                        {"chatvault.routing.attempts": usage.attempts,
+                         "chatvault.routing.served_model": leg.model}
+                    )  # fmt: skip
+                return result
         if last is not None:
             raise last
         raise self._all_open(plan)

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
+from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from daemon.config import Settings
@@ -287,6 +288,7 @@ class ResponseCache:
             usage.cache_result, usage.cache_write = "error", None
             return None
         usage.cache_result = "miss" if entry is None else "hit"
+        trace.get_current_span().set_attribute("chatvault.cache.result", usage.cache_result)
         return entry
 
     def store(self, usage: Usage) -> None:

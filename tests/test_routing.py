@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -679,3 +680,43 @@ def test_a_good_routing_config_parses_and_fills_defaults(tmp_path: Path) -> None
     assert settings.routing.strategy == "weighted" and settings.cache.enabled is False
     with pytest.raises(ConfigError, match=r"routing.strategy"):
         parse_config(base_config(routing={"strategy": "fastest"}), base=tmp_path)
+
+
+# -- the documented example ------------------------------------------------------------
+
+
+def doc_example() -> dict[str, Any]:
+    text = (REPO / "docs" / "routing.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    loaded: dict[str, Any] = yaml.safe_load(block)
+    return loaded
+
+
+def test_the_documented_example_config_serves(tmp_path: Path) -> None:
+    example = doc_example()
+    a, b, backup = Upstream(), Upstream(), Upstream(reply_words=("from", "backup"))
+    with (
+        ServerThread(openai_upstream(a)) as up_a,
+        ServerThread(openai_upstream(b)) as up_b,
+        ServerThread(openai_upstream(backup)) as up_backup,
+    ):
+        # The example as written, with its upstreams moved to the test's loopback ports.
+        bases = [up_a.url + "/v1", up_b.url + "/v1", up_backup.url]
+        models = [{**m, "api_base": base} for m, base in zip(example["models"], bases, strict=True)]
+        config = base_config(routing=example["routing"], cache=example["cache"], models=models)
+        assert (
+            cli("config", "check", "--config", str(write_config(tmp_path, config))).returncode == 0
+        )
+        with running(tmp_path, config) as daemon:
+            for i in range(8):
+                body = {**chat("primary", f"question {i}"), "temperature": 0}
+                r = post(daemon.url, body)
+                assert r.status_code == 200 and r.headers["x-chatvault-cache"] == "miss"
+            assert (len(a.posts()), len(b.posts())) == (6, 2)  # weights 3 and 1
+            r = post(daemon.url, {**chat("primary", "question 0"), "temperature": 0})
+            assert r.headers["x-chatvault-cache"] == "hit"
+            up_a.__exit__(None, None, None)
+            up_b.__exit__(None, None, None)
+            r = post(daemon.url, {**chat("primary", "while both are down"), "temperature": 0})
+            assert r.status_code == 200 and r.headers["x-chatvault-model"] == "backup"
+            assert r.json()["choices"][0]["message"]["content"] == "from backup"
