@@ -720,3 +720,15 @@ def test_the_documented_example_config_serves(tmp_path: Path) -> None:
             r = post(daemon.url, {**chat("primary", "while both are down"), "temperature": 0})
             assert r.status_code == 200 and r.headers["x-chatvault-model"] == "backup"
             assert r.json()["choices"][0]["message"]["content"] == "from backup"
+
+
+def test_a_journal_row_from_before_routing_reads_as_one_attempt() -> None:
+    """Rows journaled by the release before migration 3 have five columns fewer."""
+    from daemon.ledger.base import REQUEST_COLUMNS, usage_from_row
+
+    old = ("r1", 1.0, "k", "standard", "chat", "m", "openai", "up", False, 200, None,
+           1, 2, 0, 0, 0.5, 0.1, 0.05, None, "t", "row1", False, None)  # fmt: skip
+    assert len(old) == REQUEST_COLUMNS.index("served_model")
+    usage = usage_from_row(old, recovered=True)
+    assert usage.attempts == 1 and usage.cache_result is None and usage.saved_usd == 0.0
+    assert usage.cost_usd == 0.5 and usage.row_id == "row1" and usage.recovered
