@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -39,6 +41,7 @@ from daemon.errors import (
 from daemon.pricing import Price
 from daemon.providers.mock import MockProvider
 from daemon.router import least_busy, lowest_latency, smooth_weighted
+from tests.conftest import MakeClient
 from tests.fakes import Upstream, openai_upstream
 from tests.helpers import (
     ADMIN_KEY,
@@ -732,3 +735,60 @@ def test_a_journal_row_from_before_routing_reads_as_one_attempt() -> None:
     usage = usage_from_row(old, recovered=True)
     assert usage.attempts == 1 and usage.cache_result is None and usage.saved_usd == 0.0
     assert usage.cost_usd == 0.5 and usage.row_id == "row1" and usage.recovered
+
+
+def test_attempts_and_the_cache_are_told_on_the_request_span(make_client: MakeClient) -> None:
+    exporter = InMemorySpanExporter()
+    good = Upstream()
+    with ServerThread(openai_upstream(good)) as up:
+        config = base_config(
+            models=[
+                openai_model("primary", f"http://127.0.0.1:{free_port()}/v1", fallbacks=["backup"]),
+                openai_model("backup", up.url + "/v1"),
+            ],
+            routing={"retries": 0},
+            cache={"enabled": True},
+            monitoring={"tracing": {"enabled": True}, "health": {"probe_interval_s": 3600}},
+        )
+        client = make_client(config, span_exporter=exporter)
+        body = {**chat("primary"), "temperature": 0}
+        for _ in range(2):
+            assert client.post("/v1/chat/completions", json=body, headers=ADMIN).status_code == 200
+        tracing = client.app.state.gateway.tracing  # type: ignore[attr-defined]
+
+        def servers() -> list[ReadableSpan] | None:
+            tracing.force_flush()
+            found = [s for s in exporter.get_finished_spans() if s.kind.name == "SERVER"]
+            return found if len(found) == 2 else None
+
+        miss, hit = wait_for(servers)
+    (event,) = [e for e in miss.events if e.name == "chatvault.routing.attempt_failed"]
+    assert event.attributes == {
+        "gen_ai.request.model": "primary",
+        "chatvault.deployment": "models[0]",
+        "chatvault.attempt": 1,
+        "error.type": "upstream_unreachable",
+    }
+    assert miss.attributes["chatvault.routing.attempts"] == 2
+    assert miss.attributes["chatvault.routing.served_model"] == "backup"
+    assert miss.attributes["chatvault.cache.result"] == "miss"
+    assert hit.attributes["chatvault.cache.result"] == "hit" and not hit.events
+    clients = [s for s in exporter.get_finished_spans() if s.kind.name == "CLIENT"]
+    assert [s.attributes.get("error.type") for s in clients] == ["upstream_unreachable", None]
+
+
+def test_chatvault_health_shows_open_circuits() -> None:
+    from chatvault_cli.render import key_figures
+
+    component = {
+        "models": {
+            "m": {
+                "available": True,
+                "deployments": [
+                    {"deployment": "models[0]", "circuit": {"state": "open"}},
+                    {"deployment": "models[1]", "circuit": {"state": "closed"}},
+                ],
+            }
+        }
+    }
+    assert key_figures("models", component) == "1/1 available, circuit open: models[0]"
