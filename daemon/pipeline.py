@@ -109,6 +109,8 @@ class Pipeline:
             usage.known_model = self.router.knows(model)
             self.lifecycle.check_accepting()
             plan = self.router.plan(model)
+            if surface is not None:
+                surface.check_servable(d.provider for d in plan)
             # Admit.
             principal.require_model(model)
             prices = [d.price for d in plan]

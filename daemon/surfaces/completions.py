@@ -9,7 +9,7 @@ request, token-id prompts, ``suffix``, ``echo`` and ``best_of`` above ``n``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import orjson
@@ -232,6 +232,9 @@ class CompletionsSurface:
         self.include_usage = params.include_usage
         # Legacy chunks carry id, model, finish reasons and usage where chat chunks do.
         self.observe: Callable[[bytes, StreamTally], bytes | None] = observe
+
+    def check_servable(self, providers: Iterable[Provider]) -> None:
+        """Every deployment can translate a legacy completion."""
 
     async def complete(self, provider: Provider, call: UpstreamCall) -> Reply:
         reply = await provider.complete(call)

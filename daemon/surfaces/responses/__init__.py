@@ -22,7 +22,7 @@ to an upstream that speaks the Responses API itself (``responses_api: native``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import orjson
@@ -75,6 +75,13 @@ class ResponsesSurface:
         params = parse_chat(self.chat_body)
         self.model = params.model
         self.observe = observe
+
+    def check_servable(self, providers: Iterable[Provider]) -> None:
+        """Refuse before admission what no deployment of the model can serve (stored
+        state, built-in tools without a native upstream): a 400 that reserved nothing
+        and used none of the key's requests per minute."""
+        if self.error is not None and not any(_native(p) for p in providers):
+            raise self.error
 
     def _passthrough(self, call: UpstreamCall) -> UpstreamCall:
         body = {**self.body, "model": call.body["model"]}
