@@ -411,6 +411,48 @@ def measure_routing(
     ]
 
 
+SURFACES = {
+    "chat completions": ("/v1/chat/completions", PROMPT),
+    "responses (translated)": (
+        "/v1/responses",
+        {"model": "bench", "input": "Say something short."},
+    ),
+    "legacy completions": ("/v1/completions", {"model": "bench", "prompt": "Say something short."}),
+}
+
+
+def measure_surfaces(gw: Gateway, sizes: dict[str, Any]) -> list[dict[str, Any]]:
+    """CPU per request of each API surface on one gateway, in interleaved rounds: what
+    translating the Responses API and legacy completions to chat costs."""
+    requests = {
+        name: load.build_request(
+            "127.0.0.1",
+            gw.port,
+            path,
+            json.dumps(body).encode(),
+            {"authorization": f"Bearer {gw.key}"},
+        )
+        for name, (path, body) in SURFACES.items()
+    }
+    cpu: dict[str, list[float]] = {name: [] for name in requests}
+    errors = 0
+    for _ in range(sizes["rounds"]):
+        for name, request in requests.items():
+            used, e = cpu_per_request(gw, request, sizes["cpu"] // 2)
+            cpu[name].append(used)
+            errors += e
+    base = statistics.median(cpu["chat completions"])
+    return [
+        {
+            "surface": name,
+            "cpu_ms_per_request": round(statistics.median(cpu[name]), 3),
+            "ratio_to_chat": round(statistics.median(cpu[name]) / base, 3),
+            "errors": errors,
+        }
+        for name in requests
+    ]
+
+
 def ledger_cpu_per_row(directory: Path, rows: int, postgres_url: str | None = None) -> float:
     """CPU of writing ledger rows in batches of 500, measured on its own (in the daemon
     it runs on the writer thread, off the request path). For PostgreSQL this is the
@@ -570,6 +612,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "long_run_errors": long.errors,
         }
         results["errors_c1_and_cpu_runs"] = sum(r.errors for r in c1.values()) + e1 + e2
+        results["surfaces"] = measure_surfaces(gw, sizes)
         procs.stop(gw.process)
 
         # What each feature costs: the same measurements with features off.
@@ -595,6 +638,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 tracing=True,
                 metrics=True,
                 workers=2,
+                # Workers share limits through Redis (serve refuses memory limits with N
+                # workers: each would give a key its full limits again).
+                extra={
+                    "limits": {
+                        "backend": "redis",
+                        "redis_url": args.redis_url,
+                        "key_prefix": f"cvbench-{os.getpid()}",
+                    }
+                },
             ),
         )
         via2 = request_bytes(gw2.port, "/v1/chat/completions", gw2.key, stream=False)
@@ -658,6 +710,9 @@ def table(r: dict[str, Any]) -> str:
             lines.append(
                 f"{v['variant']:36} {v['cpu_ms_per_request']:>11} {v['cpu_ratio_to_one_deployment']:>7}"
             )
+    lines += ["", f"{'API surface, all on (median of rounds)':36} {'CPU ms/req':>11} {'ratio':>7}"]
+    for v in r.get("surfaces", []):
+        lines.append(f"{v['surface']:36} {v['cpu_ms_per_request']:>11} {v['ratio_to_chat']:>7}")
     return "\n".join(lines)
 
 

@@ -100,15 +100,14 @@ class MetricsCollector:
         self.multiprocess = multiprocess_dir is not None
         for spec in SPECS:
             setattr(self, spec.attr, spec.build(self.registry))
-        self._trace_seen = (0, 0, 0)
-        self._journal_seen: dict[str, int] = {}
+        # Running totals kept elsewhere (CPU time, the writer's, the exporter's), as
+        # last mirrored into each counter.
+        self._seen: dict[Any, float] = {}
         self.build_info.labels(__version__, platform.python_version()).set(1)
 
         self._children: dict[tuple[Any, ...], Any] = {}
         self._process = psutil.Process()
-        self._cpu_seen = 0.0
         self.start_time.set(self._process.create_time())
-        self._dropped_seen = 0
         self.sample_process()
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -233,45 +232,35 @@ class MetricsCollector:
 
     # -- sampled state ---------------------------------------------------------------
 
+    def _advance(self, counter: Any, total: float) -> None:
+        """Move a counter that mirrors a running total by what is new since last time."""
+        seen = self._seen.get(counter, 0.0)
+        if total > seen:
+            counter.inc(total - seen)
+            self._seen[counter] = total
+
     def sample_process(self) -> None:
         cpu = self._process.cpu_times()
-        total = cpu.user + cpu.system
-        if total > self._cpu_seen:
-            self.cpu_seconds.inc(total - self._cpu_seen)
-            self._cpu_seen = total
+        self._advance(self.cpu_seconds, cpu.user + cpu.system)
         self.memory.set(self._process.memory_info().rss)
 
     def sample_ledger(self, depth: int, dropped: int) -> None:
         self.ledger_queue.set(depth)
-        if dropped > self._dropped_seen:
-            self.ledger_dropped.inc(dropped - self._dropped_seen)
-            self._dropped_seen = dropped
+        self._advance(self.ledger_dropped, dropped)
 
     def sample_journal(
         self, depth: int, size: int, rejected_dropped: int, journaled: int, recovered: int
     ) -> None:
         self.journal_depth.set(depth)
         self.journal_bytes.set(size)
-        # The writer keeps running totals; counters move by what is new since last time.
-        for name, counter, total in (
-            ("rejected_dropped", self.rejected_dropped, rejected_dropped),
-            ("journaled", self.rows_journaled, journaled),
-            ("recovered", self.rows_recovered, recovered),
-        ):
-            seen = self._journal_seen.get(name, 0)
-            if total > seen:
-                counter.inc(total - seen)
-                self._journal_seen[name] = total
+        self._advance(self.rejected_dropped, rejected_dropped)
+        self._advance(self.rows_journaled, journaled)
+        self._advance(self.rows_recovered, recovered)
 
     def sample_tracing(self, status: ExportStatus) -> None:
-        seen = self._trace_seen
-        now = (status.spans_exported, status.export_failures, status.spans_dropped)
-        for counter, before, after in zip(
-            (self.trace_exported, self.trace_failures, self.trace_dropped), seen, now, strict=True
-        ):
-            if after > before:
-                counter.inc(after - before)
-        self._trace_seen = now
+        self._advance(self.trace_exported, status.spans_exported)
+        self._advance(self.trace_failures, status.export_failures)
+        self._advance(self.trace_dropped, status.spans_dropped)
         self.trace_queue.set(status.queue_size)
         self.trace_capacity.set(status.queue_capacity)
         self.trace_last_success.set(status.last_success or 0)

@@ -113,6 +113,8 @@ class Pipeline:
             usage.known_model = self.router.knows(model)
             self.lifecycle.check_accepting()
             plan = self.router.plan(model)
+            if surface is not None:
+                surface.check_servable(d.provider for d in plan.deployments())
             principal.require_model(model)
             # The response cache: a hit neither reserves budget nor reaches an upstream.
             if self.cache.enabled and operation == "chat":

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from daemon.budget import Verdict
 from daemon.errors import ServiceUnavailable
@@ -183,6 +183,7 @@ class RedisQuota:
         self._settle = self.redis.register_script(_SETTLE)
         self._floor = self.redis.register_script(_FLOOR)
         self._release = self.redis.register_script(_RELEASE)
+        self._scripts = {"settle": self._settle, "floor": self._floor, "release": self._release}
         self._queue: deque[tuple[str, list[str], list[Any]]] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -315,16 +316,36 @@ class RedisQuota:
                     backoff = min(backoff * 2, 2.0)
 
     async def _send(self, batch: list[tuple[str, list[str], list[Any]]]) -> None:
-        scripts = {
-            "settle": self._settle,
-            "floor": self._floor,
-            "release": self._release,
-        }
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for name, keys, args in batch:
-                await scripts[name](keys=keys, args=args, client=pipe)
-            await asyncio.wait_for(pipe.execute(), self.timeout_s * 4)
-        self.status.reachable, self.status.last_error = True, None
+        """One pipeline of EVALSHA. redis-py's Script objects would send SCRIPT EXISTS
+        before every pipeline that holds them (a second round trip per batch); instead
+        a command that finds its script missing (Redis restarted, SCRIPT FLUSH) is
+        loaded and resent alone, so no settle that did run is applied twice."""
+        pending = batch
+        for _ in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name, keys, args in pending:
+                    pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+                results = await asyncio.wait_for(
+                    pipe.execute(raise_on_error=False), self.timeout_s * 4
+                )
+            self.status.reachable, self.status.last_error = True, None
+            missing = []
+            for op, result in zip(pending, results, strict=True):
+                if isinstance(result, NoScriptError):
+                    missing.append(op)
+                elif isinstance(result, Exception):
+                    # A script error would fail again: count it, never retry it.
+                    self.status.settle_failures += 1
+                    log.error("limits: redis %s failed: %s", op[0], result)
+            if not missing:
+                return
+            for name in {op[0] for op in missing}:
+                await self.redis.script_load(self._scripts[name].script)
+            pending = missing
+        # Lost again at once: drop these (never resend what may have run); the
+        # ledger's committed floor repairs the spend on its next batch.
+        self.status.settle_failures += len(pending)
+        log.error("limits: redis lost chatvault's scripts twice; %d updates dropped", len(pending))
 
     async def flush(self) -> None:
         """Send what is queued now (tests, shutdown)."""

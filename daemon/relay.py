@@ -139,7 +139,7 @@ async def relay(
 ) -> AsyncIterator[bytes]:
     """Forward a stream to the client; put its outcome on ``usage`` and hand it to
     ``finish`` exactly once, however the stream ends. ``observe_event`` reads events
-    of another protocol (the Responses API's, ``daemon/surfaces/responses.py``)."""
+    of another protocol (the Responses API's, ``daemon/surfaces/responses/events.py``)."""
     completed = False
     first = True
     upstream_started = time.perf_counter() - (usage.upstream_latency_s or 0.0)

@@ -242,3 +242,15 @@ def running(
     config = {**config, "server": {**config.get("server", {}), "port": port}}
     with Daemon(write_config(config_dir, config), env=env) as daemon:
         yield daemon
+
+
+def new_key(settings: Any, **kwargs: Any) -> dict[str, Any]:
+    """A key created the way `chatvault keys create` does, with no limits unless given."""
+    from chatvault_cli import offline
+
+    kwargs.setdefault("user_type", "standard")
+    for name in ("rpm", "tpm", "budget_usd", "models"):
+        kwargs.setdefault(name, None)
+    return offline.keys_create(  # type: ignore[no-any-return]
+        settings, name=kwargs.pop("name", f"k{time.monotonic_ns()}"), **kwargs
+    )

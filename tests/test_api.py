@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +9,10 @@ import httpx
 import orjson
 import pytest
 
-from chatvault_cli import offline
-from daemon.config import Settings
 from daemon.quota import Admitted, Ask, MemoryQuota
 from tests.conftest import MakeClient
 from tests.fakes import Upstream, openai_upstream
-from tests.helpers import ADMIN_KEY, ServerThread, base_config, ledger_rows, wait_for
+from tests.helpers import ADMIN_KEY, ServerThread, base_config, ledger_rows, new_key, wait_for
 
 CHAT = "/v1/chat/completions"
 
@@ -38,15 +35,6 @@ def assert_openai_error(
     if code is not None:
         assert error["code"] == code
     return error
-
-
-def new_key(settings: Settings, **kwargs: Any) -> dict[str, Any]:
-    kwargs.setdefault("user_type", "standard")
-    for name in ("rpm", "tpm", "budget_usd", "models"):
-        kwargs.setdefault(name, None)
-    return offline.keys_create(
-        settings, name=kwargs.pop("name", f"k{time.monotonic_ns()}"), **kwargs
-    )
 
 
 def bearer(key: str) -> dict[str, str]:

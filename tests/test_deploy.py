@@ -19,6 +19,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -493,7 +494,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     unit = (DEPLOY / "chatvault.service").read_text()
     assert "ExecStart=/opt/chatvault/bin/chatvault serve" in unit
     # verify checks that ExecStart's program exists: point it at this checkout's.
-    chatvault = shutil.which("chatvault") or str(Path(__file__).parents[1] / ".venv/bin/chatvault")
+    chatvault = str(Path(sys.executable).parent / "chatvault")  # the venv running the tests
     path = tmp_path / "chatvault.service"
     path.write_text(unit.replace("/opt/chatvault/bin/chatvault", chatvault))
     assert SYSTEMD_ANALYZE is not None

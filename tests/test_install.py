@@ -85,7 +85,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
     """The environment of a new user: no ChatVault variables, a home of their own."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATVAULT_", "XDG_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CHATVAULT_", "XDG_")) and k != "PYTHONPATH"
+    }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     return {**env, "HOME": str(home), "NO_COLOR": "1", **extra}
 
@@ -113,6 +117,7 @@ def test_the_installed_package_is_the_wheel_not_the_source_tree(
             "import chatvault_cli, daemon; print(chatvault_cli.__file__); print(daemon.__file__)",
         ],
         cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},  # a user's shell
         capture_output=True,
         text=True,
         check=True,

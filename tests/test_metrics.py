@@ -368,3 +368,15 @@ def test_shipped_alert_rules_are_valid() -> None:
         timeout=30,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_metric_is_documented() -> None:
+    """docs/metrics.md is the operators' reference: a metric missing from it is a bug."""
+    from prometheus_client import Counter
+
+    from daemon.metric_specs import SPECS
+
+    doc = (Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
+    exposed = [spec.name + ("_total" if spec.kind is Counter else "") for spec in SPECS]
+    missing = [name for name in exposed if f"`{name}`" not in doc]
+    assert not missing, f"not in docs/metrics.md: {missing}"

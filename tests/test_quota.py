@@ -165,6 +165,28 @@ def test_two_replicas_share_one_request_limit(prefix: str) -> None:
     assert asyncio.run(scenario()) == 10
 
 
+def test_settles_survive_a_redis_that_lost_its_scripts_and_apply_once(prefix: str) -> None:
+    if not _redis_available():
+        pytest.skip(f"no Redis server at {REDIS_URL}")
+
+    async def scenario() -> int:
+        quota = RedisQuota(REDIS_URL, key_prefix=prefix)
+        await quota.start()
+        ask = Ask(KeyLimits("k"), budget_usd=1.0, worst_case_usd=0.3)
+        admitted = await quota.admit(ask)
+        await quota.redis.script_flush()  # as after a Redis restart
+        quota.settle(admitted.ticket, cost_usd=0.1, tokens=10)
+        quota.set_committed({"other": 0.5})  # a second script in the same pipeline
+        await quota.flush()
+        results = [await quota.admit(ask) for _ in range(4)]
+        await quota.aclose()
+        return sum(r.allowed for r in results)
+
+    # $0.10 spent once and the $0.30 reservation released: three more $0.30 fit in $1.
+    # Applied twice ($0.20), only two would.
+    assert asyncio.run(scenario()) == 3
+
+
 def test_reservations_of_a_dead_replica_expire(prefix: str) -> None:
     if not _redis_available():
         pytest.skip(f"no Redis server at {REDIS_URL}")

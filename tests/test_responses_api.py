@@ -14,7 +14,15 @@ from pydantic import BaseModel
 
 from tests.conftest import MakeClient
 from tests.fakes import Upstream, openai_upstream
-from tests.helpers import ADMIN_KEY, ServerThread, base_config, ledger_rows, running, wait_for
+from tests.helpers import (
+    ADMIN_KEY,
+    ServerThread,
+    base_config,
+    ledger_rows,
+    new_key,
+    running,
+    wait_for,
+)
 from tests.surfaces_support import metric_value, openai_client, responses_upstream
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -193,6 +201,21 @@ def test_what_cannot_be_translated_is_a_clear_400(
     # Refused requests are on record too.
     rows = wait_for(lambda: ledger_rows(ledger(tmp_path), "status_code = 400"))
     assert rows[0]["operation"] == "responses"
+
+
+def test_a_request_no_deployment_can_serve_uses_none_of_the_keys_limits(
+    make_client: MakeClient, make_settings: Any
+) -> None:
+    config = base_config()
+    app = make_client(config)
+    key = new_key(make_settings(config), rpm=1)["key"]
+    headers = {"Authorization": f"Bearer {key}"}
+    stateful = {"model": "mock", "input": "hi", "previous_response_id": "resp_abc"}
+    for _ in range(3):  # refused before admission: not one of the key's one request a minute
+        assert app.post("/v1/responses", json=stateful, headers=headers).status_code == 400
+    plain = {"model": "mock", "input": "hi"}
+    assert app.post("/v1/responses", json=plain, headers=headers).status_code == 200
+    assert app.post("/v1/responses", json=plain, headers=headers).status_code == 429
 
 
 def test_unauthenticated_and_unknown_model(make_client: MakeClient) -> None:

@@ -13,7 +13,10 @@ add the next one.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from daemon.ledger.base import SchemaOutdated, SchemaStatus, SchemaTooNew
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,3 +190,29 @@ def too_new_message(version: int) -> str:
         f"the ledger's schema is version {version}, newer than this release knows "
         f"(up to {LATEST}): upgrade ChatVault; migrations never go backwards"
     )
+
+
+def schema_status(
+    tables: Iterable[str], applied: tuple[tuple[int, str, float | None], ...]
+) -> SchemaStatus:
+    """What a database's tables and its ``schema_migrations`` rows say, in either store."""
+    tables = set(tables)
+    done = {v for v, _, _ in applied}
+    return SchemaStatus(
+        version=max(done, default=0),
+        latest=LATEST,
+        applied=applied,
+        pending=tuple((m.version, m.name) for m in pending(done)),
+        legacy="requests" in tables and "schema_migrations" not in tables,
+    )
+
+
+def require_current(status: SchemaStatus) -> None:
+    """For stores told not to migrate: refuse a schema that is newer or behind."""
+    if status.version > LATEST:
+        raise SchemaTooNew(too_new_message(status.version))
+    if status.pending:
+        raise SchemaOutdated(
+            f"{len(status.pending)} schema migration(s) pending (version {status.version}, "
+            f"this release needs {LATEST}): run `chatvault db migrate`"
+        )

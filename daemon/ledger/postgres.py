@@ -28,7 +28,14 @@ from daemon.ledger.base import (
     spend_by_key,
     usage_row,
 )
-from daemon.ledger.migrations import LATEST, VERSIONS_TABLE_POSTGRES, pending, too_new_message
+from daemon.ledger.migrations import (
+    LATEST,
+    VERSIONS_TABLE_POSTGRES,
+    pending,
+    require_current,
+    schema_status,
+    too_new_message,
+)
 from daemon.usage import Usage
 
 _COLUMN_TYPES = {
@@ -110,15 +117,7 @@ class PostgresStore:
             if self.migrate_mode == "apply":
                 self.applied_at_open = await self.migrate()
             elif self.migrate_mode == "check":
-                status = await self.schema_status()
-                if status.version > LATEST:
-                    raise SchemaTooNew(too_new_message(status.version))
-                if status.pending:
-                    raise SchemaOutdated(
-                        f"{len(status.pending)} schema migration(s) pending (version "
-                        f"{status.version}, this release needs {LATEST}): "
-                        "run `chatvault db migrate`"
-                    )
+                require_current(await self.schema_status())
         except (SchemaTooNew, SchemaOutdated):
             await self.close()
             raise
@@ -318,14 +317,7 @@ async def _status(conn: asyncpg.Connection) -> SchemaStatus:
                 "SELECT version, name, applied_at FROM schema_migrations ORDER BY version"
             )
         )
-    done = {v for v, _, _ in applied}
-    return SchemaStatus(
-        version=max(done, default=0),
-        latest=LATEST,
-        applied=applied,
-        pending=tuple((m.version, m.name) for m in pending(done)),
-        legacy="requests" in tables and "schema_migrations" not in tables,
-    )
+    return schema_status(tables, applied)
 
 
 def _permanent(error: BaseException) -> bool:

@@ -29,7 +29,6 @@ from daemon.ledger.base import (
     DayStats,
     DuplicateKeyName,
     GroupBy,
-    SchemaOutdated,
     SchemaStatus,
     SchemaTooNew,
     StoreCheck,
@@ -43,6 +42,8 @@ from daemon.ledger.migrations import (
     LATEST,
     VERSIONS_TABLE_SQLITE,
     pending,
+    require_current,
+    schema_status,
     too_new_message,
 )
 from daemon.usage import Usage
@@ -134,7 +135,7 @@ class SQLiteStore:
                         conn, self._busy_timeout_s, self.migrate_timeout_s
                     )
                 elif self.migrate_mode == "check":
-                    _require_current(_status(conn))
+                    require_current(_status(conn))
             except BaseException:
                 conn.close()
                 raise
@@ -416,24 +417,7 @@ def _status(conn: sqlite3.Connection) -> SchemaStatus:
                 "SELECT version, name, applied_at FROM schema_migrations ORDER BY version"
             )
         )
-    done = {v for v, _, _ in applied}
-    return SchemaStatus(
-        version=max(done, default=0),
-        latest=LATEST,
-        applied=applied,
-        pending=tuple((m.version, m.name) for m in pending(done)),
-        legacy="requests" in tables and "schema_migrations" not in tables,
-    )
-
-
-def _require_current(status: SchemaStatus) -> None:
-    if status.version > LATEST:
-        raise SchemaTooNew(too_new_message(status.version))
-    if status.pending:
-        raise SchemaOutdated(
-            f"{len(status.pending)} schema migration(s) pending (version {status.version}, "
-            f"this release needs {LATEST}): run `chatvault db migrate`"
-        )
+    return schema_status(tables, applied)
 
 
 def _migrate(conn: sqlite3.Connection, busy_s: float, limit_s: float) -> list[tuple[int, str]]:

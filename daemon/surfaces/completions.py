@@ -9,8 +9,7 @@ request, token-id prompts, ``suffix``, ``echo`` and ``best_of`` above ``n``.
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import orjson
@@ -20,15 +19,7 @@ from daemon.providers.base import Provider, Reply, UpstreamCall, sse_event
 from daemon.providers.sse import event_data
 from daemon.relay import StreamTally, observe
 from daemon.requests import parse_chat
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _str(value: Any) -> str:
-    return value if isinstance(value, str) else ""
-
+from daemon.surfaces.common import DONE, as_dict, as_str, close_quietly, json_object, new_id
 
 # Passed to the chat request as they are: same names, same meaning.
 _SAME = (
@@ -139,8 +130,8 @@ def completion_from_chat(chat: Any) -> dict[str, Any]:
     for i, choice in enumerate(chat.get("choices") or ()):
         if not isinstance(choice, dict):
             continue
-        message = _dict(choice.get("message"))
-        logprobs = _dict(choice.get("logprobs"))
+        message = as_dict(choice.get("message"))
+        logprobs = as_dict(choice.get("logprobs"))
         choices.append(
             {
                 "text": message.get("content") or "",
@@ -150,7 +141,7 @@ def completion_from_chat(chat: Any) -> dict[str, Any]:
             }
         )
     out: dict[str, Any] = {
-        "id": "cmpl-" + str(chat.get("id") or secrets.token_hex(12)).removeprefix("chatcmpl-"),
+        "id": "cmpl-" + str(chat.get("id") or new_id("")).removeprefix("chatcmpl-"),
         "object": "text_completion",
         "created": chat.get("created") or 0,
         "model": chat.get("model") or "",
@@ -170,13 +161,13 @@ def chunk_from_chat(chunk: dict[str, Any], offsets: dict[int, int]) -> dict[str,
     for choice in chunk.get("choices") or ():
         if not isinstance(choice, dict):
             continue
-        delta = _dict(choice.get("delta"))
-        text = _str(delta.get("content"))
+        delta = as_dict(choice.get("delta"))
+        text = as_str(delta.get("content"))
         reason = choice.get("finish_reason")
         if not text and not reason:
             continue
         index = choice.get("index", 0)
-        logprobs = _dict(choice.get("logprobs"))
+        logprobs = as_dict(choice.get("logprobs"))
         start = offsets.get(index, 0)
         offsets[index] = start + len(text)
         choices.append(
@@ -209,16 +200,11 @@ async def translate_stream(chunks: AsyncIterator[list[bytes]]) -> AsyncIterator[
             out: list[bytes] = []
             for event in batch:
                 data = event_data(event)
-                if data is None:
-                    continue
-                if data == b"[DONE]":
+                if data == DONE:
                     out.append(event)
                     continue
-                try:
-                    chunk: Any = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    continue
-                if not isinstance(chunk, dict):
+                chunk = json_object(data)
+                if chunk is None:
                     continue
                 if chunk.get("error"):
                     out.append(event)
@@ -229,9 +215,7 @@ async def translate_stream(chunks: AsyncIterator[list[bytes]]) -> AsyncIterator[
             if out:
                 yield out
     finally:
-        close = getattr(chunks, "aclose", None)
-        if close is not None:
-            await close()
+        await close_quietly(chunks)
 
 
 class CompletionsSurface:
@@ -248,6 +232,9 @@ class CompletionsSurface:
         self.include_usage = params.include_usage
         # Legacy chunks carry id, model, finish reasons and usage where chat chunks do.
         self.observe: Callable[[bytes, StreamTally], bytes | None] = observe
+
+    def check_servable(self, providers: Iterable[Provider]) -> None:
+        """Every deployment can translate a legacy completion."""
 
     async def complete(self, provider: Provider, call: UpstreamCall) -> Reply:
         reply = await provider.complete(call)
