@@ -535,7 +535,7 @@ def test_weighted_shares_through_a_daemon(tmp_path: Path) -> None:
 
 
 def test_least_busy_sends_to_the_idle_deployment(tmp_path: Path) -> None:
-    slow, fast = Upstream(delay_s=1.5), Upstream()
+    slow, fast = Upstream(delay_s=4.0), Upstream()
     with ServerThread(openai_upstream(slow)) as up_s, ServerThread(openai_upstream(fast)) as up_f:
         config = base_config(
             models=[
