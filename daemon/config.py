@@ -174,6 +174,7 @@ class UpstreamConfig(_Strict):
     timeout_s: Positive = 120.0
     connect_timeout_s: Positive = 5.0
     max_connections: int = Field(default=512, gt=0)
+    # Attempts per model when routing.retries is not set (routing.retries wins).
     max_attempts: int = Field(default=2, ge=1, le=10)
 
 
@@ -237,7 +238,9 @@ class TracingConfig(_Strict):
 class HealthConfig(_Strict):
     probe_interval_s: Positive = 30.0
     probe_timeout_s: Positive = 2.0
-    failure_threshold: int = Field(default=3, gt=0)  # consecutive upstream failures -> model down
+    # Consecutive upstream failures that open a circuit, when routing.circuit_breaker is
+    # not set (docs/routing.md).
+    failure_threshold: int = Field(default=3, gt=0)
 
 
 class MonitoringConfig(_Strict):
