@@ -26,10 +26,11 @@ from typing import Any
 from daemon.admission import Admission
 from daemon.attempts import UpstreamCaller
 from daemon.auth import Authenticator, Principal
+from daemon.config import RequestLimits
 from daemon.lifecycle import Lifecycle
 from daemon.providers.base import UpstreamCall
 from daemon.relay import StreamTally, ask_for_usage, observe, relay
-from daemon.requests import parse_chat, parse_embeddings, parse_json_object
+from daemon.requests import DEFAULT_LIMITS, parse_chat, parse_embeddings, parse_json_object
 from daemon.router import Router
 from daemon.sinks import Accounting
 from daemon.surfaces import Surface, open_surface
@@ -73,6 +74,8 @@ class Pipeline:
         tracing: AnyTracing,
         clock: Callable[[], float],
         max_body_bytes: int,
+        limits: RequestLimits = DEFAULT_LIMITS,
+        hide_forbidden_models: bool = True,
     ) -> None:
         self.auth = auth
         self.router = router
@@ -83,6 +86,9 @@ class Pipeline:
         self.tracing = tracing
         self.clock = clock
         self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        # A model the key may not use answers as an unknown one (auth.forbidden_model_status).
+        self.hide_forbidden_models = hide_forbidden_models
 
     async def run(self, operation: str, incoming: Incoming) -> Answer | Stream:
         principal = await self.auth.authenticate(incoming.authorization)
@@ -91,15 +97,15 @@ class Pipeline:
         try:
             # Parse and validate.
             raw = await incoming.read_body(self.max_body_bytes)
-            body = parse_json_object(raw)
+            body = sent = parse_json_object(raw, self.limits.max_json_values)
             client_wants_usage = False
             surface: Surface | None = None
             if operation == "chat":
-                params = parse_chat(body)
+                params = parse_chat(body, self.limits)
                 model, stream = params.model, params.stream
                 client_wants_usage = params.include_usage
             elif operation == "embeddings":
-                model, stream = parse_embeddings(body), False
+                model, stream = parse_embeddings(body, self.limits), False
             else:  # Responses API, legacy completions: a chat body from here on
                 surface = open_surface(operation, body)
                 body, model, stream = surface.chat_body, surface.model, surface.stream
@@ -110,7 +116,9 @@ class Pipeline:
             self.lifecycle.check_accepting()
             plan = self.router.plan(model)
             # Admit.
-            principal.require_model(model)
+            principal.require_model(model, as_unknown=self.hide_forbidden_models)
+            for deployment in plan:
+                deployment.fields.check(sent, model)
             prices = [d.price for d in plan]
             decision = await self.admission.admit(principal, usage, body, len(raw), prices)
             headers = dict(decision.headers)

@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from daemon.errors import InvalidRequest
+from daemon.errors import InvalidRequest, UpstreamIncomplete
 from daemon.providers.base import Provider, Reply, UpstreamCall, responses_tokens
 from daemon.providers.openai_compat import OpenAICompatProvider
 from daemon.providers.sse import event_data
@@ -681,12 +681,15 @@ async def translate_stream(
     """Chat chunk events in, Responses events out; an error event passes unchanged
     (the official client raises on it) and ends the stream."""
     first = True
+    done = False
     try:
         async for batch in chunks:
             out: list[bytes] = stream.start() if first else []
             first = False
             for event in batch:
                 data = event_data(event)
+                if data == b"[DONE]":
+                    done = True
                 if data is None or data == b"[DONE]":
                     continue
                 try:
@@ -702,6 +705,11 @@ async def translate_stream(
                 out.extend(stream.feed(chunk))
             if out:
                 yield out
+        if not done and stream.finish_reason is None:  # cut short: no response.completed
+            raise UpstreamIncomplete(
+                "The upstream ended the stream before the answer was complete "
+                "(no finish_reason, no [DONE])."
+            )
         yield (stream.start() if first else []) + stream.finish()
     finally:
         close = getattr(chunks, "aclose", None)

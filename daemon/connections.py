@@ -1,0 +1,62 @@
+"""Client connections: a deadline for request headers, which uvicorn does not have.
+
+uvicorn closes idle keep-alive connections (``timeout_keep_alive``) but waits for ever
+for a request's headers: a thousand clients that connect and send nothing, or send
+their headers a byte a second, would each hold a connection (and count against
+``limit_concurrency``) for as long as they like. This protocol arms a timer when a
+connection opens, and again when the next request on it begins, and closes the
+connection if the headers are not complete when it fires. The body's deadline is
+``server.body_timeout_s``, enforced where the body is read (``requests.read_body``).
+
+    config = uvicorn.Config(app, http=with_header_deadline(10.0), limit_concurrency=2048)
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+class HeaderDeadlineProtocol(HttpToolsProtocol):
+    header_timeout_s = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._header_timer is None:  # the next request on a kept-alive connection
+            self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._disarm_header_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def with_header_deadline(timeout_s: float) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol, closing connections whose headers are late."""
+
+    class Protocol(HeaderDeadlineProtocol):
+        header_timeout_s = timeout_s
+
+    return Protocol
