@@ -11,6 +11,7 @@ as it arrives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -130,6 +131,27 @@ def request_error(exc: BaseException, provider: str, timeouts: Timeouts) -> Gate
 
 _TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
+# orjson parses about 15 ms per MB holding the GIL: 2048 vectors of 3072 dimensions
+# (130 MB) would stop the event loop for two seconds. Above this size an embeddings
+# answer is forwarded as it is and only its usage and model are read.
+_SKIM_ABOVE = 1 << 20
+_USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
+_MODEL = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.){0,512}")')
+
+
+def skim_top_level(body: bytes) -> dict[str, Any]:
+    """``usage`` and ``model`` of a large JSON answer, found from its end without parsing
+    the rest. A quote inside a JSON string is escaped, so ``"usage":`` can only be a key;
+    the last one is taken (OpenAI puts them after ``data``)."""
+    out: dict[str, Any] = {}
+    for key, pattern in ((b'"usage"', _USAGE), (b'"model"', _MODEL)):
+        at = body.rfind(key)
+        found = pattern.match(body, at) if at >= 0 else None
+        if found is not None:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                out[key.strip(b'"').decode()] = orjson.loads(found.group(1))
+    return out
+
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
@@ -210,9 +232,15 @@ class OpenAICompatProvider:
         return response
 
     async def _post_json(
-        self, path: str, call: UpstreamCall, read: Callable[[bytes, Any], Reply]
+        self,
+        path: str,
+        call: UpstreamCall,
+        read: Callable[[bytes, Any], Reply],
+        *,
+        skim: bool = False,
     ) -> Reply:
-        """POST, read the whole answer, parse it; ``read`` takes usage and ids from it."""
+        """POST, read the whole answer, parse it; ``read`` takes usage and ids from it.
+        ``skim``: a large answer (embeddings) is not parsed whole, only its usage."""
         response = await self._send(path, call)
         try:
             body = await response.read()
@@ -220,6 +248,8 @@ class OpenAICompatProvider:
             raise transport_error(exc, self.name) from exc
         finally:
             response.release()
+        if skim and len(body) > _SKIM_ABOVE:
+            return read(body, skim_top_level(body))
         try:
             parsed = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -230,7 +260,7 @@ class OpenAICompatProvider:
         return await self._post_json("/chat/completions", call, Reply.from_json)
 
     async def embed(self, call: UpstreamCall) -> Reply:
-        return await self._post_json("/embeddings", call, Reply.from_json)
+        return await self._post_json("/embeddings", call, Reply.from_json, skim=True)
 
     async def open_stream(self, call: UpstreamCall) -> AsyncIterator[list[bytes]]:
         response = await self._send("/chat/completions", call)
