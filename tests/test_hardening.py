@@ -407,3 +407,36 @@ def test_mock_counts_a_huge_prompt_exactly_in_pieces() -> None:
     # One token per word or punctuation mark, counted here without the regex.
     per_block = 30000 * 2 + 1 + 70000 + 1
     assert count_tokens(text) == per_block * 3
+
+
+# -- the CLI on a wrong-typed answer -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"enabled": True, "last_success": "yesterday", "last_failure": {"a": 1}},
+        {"enabled": True, "queue_size": 3, "queue_capacity": "n"},
+        {"enabled": True, "spans_exported": "lots"},
+        {"enabled": "yes"},
+        {"enabled": True, "last_error": ["\x1b]0;pwned\x07"]},
+    ],
+)
+def test_traces_status_on_wrong_typed_json_is_one_line(body: dict[str, Any]) -> None:
+    from starlette.responses import JSONResponse
+
+    from tests.helpers import cli
+
+    async def traces(request: Request) -> Response:
+        return JSONResponse(body)
+
+    app = Starlette(routes=[Route("/admin/traces/status", traces)])
+    env = {"CHATVAULT_ADMIN_KEY": ADMIN_KEY, "NO_COLOR": "1", "COLUMNS": "100"}
+    with ServerThread(app) as server:
+        for extra in ((), ("--json",)):
+            result = cli("traces", "status", "--url", server.url, *extra, env=env)
+            text = result.stdout + result.stderr
+            assert result.returncode == 3, text
+            assert "Traceback" not in text and "\x1b" not in text
+            (line,) = result.stderr.strip().splitlines()
+            assert "did not answer like ChatVault" in line and "wrong type" in line
