@@ -201,6 +201,26 @@ def test_a_stream_ended_early_but_cleanly_is_an_error_with_estimated_tokens(
     assert row["output_tokens"] == 2  # one per content chunk, as documented
 
 
+def test_an_early_end_is_an_error_on_the_responses_and_completions_surfaces(
+    tmp_path: Path, make_client: MakeClient
+) -> None:
+    upstream = streaming_upstream([_chunk("Hello"), _chunk(" there")])
+    with ServerThread(upstream) as server:
+        client = openai_client(make_client(base_config(models=[upstream_model(server.url)])))
+        with pytest.raises(openai.APIError), client.responses.stream(model="up", input="hi") as s:
+            for _ in s:
+                pass
+        with pytest.raises(openai.APIError):
+            for _ in client.completions.create(model="up", prompt="hi", stream=True):
+                pass
+    rows = wait_for(lambda: (r := ledger_rows(ledger(tmp_path))) and len(r) == 2 and r)
+    assert [(r["operation"], r["status_code"], r["error_type"]) for r in rows] == [
+        ("responses", 502, "upstream_incomplete"),
+        ("text_completion", 502, "upstream_incomplete"),
+    ]
+    assert all(r["estimated_reason"] == "stream_incomplete" for r in rows)
+
+
 def test_a_complete_stream_without_done_is_still_a_success(
     tmp_path: Path, make_client: MakeClient
 ) -> None:
