@@ -420,6 +420,34 @@ def test_a_body_of_millions_of_tiny_values_is_refused_before_parsing(
     assert_openai_error(too_long, 400, "too_many_items")
 
 
+def test_a_large_embeddings_answer_is_forwarded_whole_and_billed_from_its_usage(
+    tmp_path: Path, make_client: MakeClient
+) -> None:
+    vectors = [[round(i * 0.001 + j * 1e-6, 6) for j in range(1000)] for i in range(300)]
+    answer = {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)
+        ],
+        "model": "up-embed-3",
+        "usage": {"prompt_tokens": 1234, "total_tokens": 1234},
+    }
+
+    async def embeddings(request: Request) -> Response:
+        return Response(orjson.dumps(answer), media_type="application/json")
+
+    app = Starlette(routes=[Route("/v1/embeddings", embeddings, methods=["POST"])])
+    with ServerThread(app) as server:
+        client = openai_client(make_client(base_config(models=[upstream_model(server.url)])))
+        reply = client.embeddings.create(model="up", input=["a"] * 300)
+    assert len(orjson.dumps(answer)) > 2 << 20  # past the size where it is only skimmed
+    assert [d.embedding for d in reply.data] == vectors
+    assert reply.usage.prompt_tokens == 1234 and reply.model == "up-embed-3"
+    row = one_row(tmp_path)
+    assert row["input_tokens"] == 1234
+    assert row["cost_usd"] == pytest.approx(1234 * PRICING["input_per_million"] / 1e6)
+
+
 def test_mock_counts_a_huge_prompt_exactly_in_pieces() -> None:
     from daemon.providers.mock import count_tokens
 

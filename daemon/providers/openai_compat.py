@@ -249,7 +249,9 @@ class OpenAICompatProvider:
         finally:
             response.release()
         if skim and len(body) > _SKIM_ABOVE:
-            return read(body, skim_top_level(body))
+            skimmed = skim_top_level(body)
+            if "usage" in skimmed:  # else parsed whole, slowly: the usage is what bills
+                return read(body, skimmed)
         try:
             parsed = orjson.loads(body)
         except orjson.JSONDecodeError:
