@@ -9,6 +9,9 @@ connection if the headers are not complete when it fires. The body's deadline is
 ``server.body_timeout_s``, enforced where the body is read (``requests.read_body``).
 
     config = uvicorn.Config(app, http=with_header_deadline(10.0), limit_concurrency=2048)
+
+It extends uvicorn's httptools protocol (httptools comes with uvicorn[standard], and
+is what uvicorn picks by itself when installed).
 """
 
 from __future__ import annotations

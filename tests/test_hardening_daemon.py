@@ -5,6 +5,7 @@ another measures how fast ``/livez`` answers."""
 from __future__ import annotations
 
 import contextlib
+import resource
 import socket
 import subprocess
 import sys
@@ -112,7 +113,17 @@ def open_sockets(port: int, count: int) -> Iterator[list[socket.socket]]:
             s.close()
 
 
+def enough_file_descriptors(needed: int) -> None:
+    """This process and the daemon (which inherits the limit) each hold a socket per
+    connection: raise the soft limit (often 1024) toward the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        assert hard == resource.RLIM_INFINITY or hard >= needed, f"ulimit -Hn is {hard}"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
 def test_a_thousand_idle_or_slow_sockets_do_not_stop_a_normal_client(tmp_path: Path) -> None:
+    enough_file_descriptors(4096)
     server = {"header_timeout_s": 4.0}
     with (
         running(tmp_path, base_config(server=server)) as daemon,
