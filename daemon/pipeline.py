@@ -1,9 +1,10 @@
 """The model-request pipeline: one request, top to bottom, in the order it happens.
 
     authenticate          the key                                   → 401 (503 key store down)
-    parse and validate    the body                                  → 400, 413
+    parse and validate    the body, within request limits            → 400, 408, 413
     resolve the model     router: its deployments, best first       → 404
-    admit                 key's models, rate limits, budget reservation → 403, 429
+    admit                 key's models (404 as unknown, or 403), fields each deployment
+                          forwards (``forwarding.py``), rate limits, budget → 400, 429
     call the upstream     deployments in order (``attempts.py``)     → 502, 504
     account               one Usage record → the sinks (``sinks.py``)
 
