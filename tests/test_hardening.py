@@ -488,3 +488,13 @@ def test_traces_status_on_wrong_typed_json_is_one_line(body: dict[str, Any]) -> 
             assert "Traceback" not in text and "\x1b" not in text
             (line,) = result.stderr.strip().splitlines()
             assert "did not answer like ChatVault" in line and "wrong type" in line
+
+
+def test_forward_fields_takes_allow_or_deny_not_both(make_settings: Any) -> None:
+    from daemon.config import ConfigError
+
+    for rule in ({"allow": ["messages"], "deny": ["store"]}, {}):
+        with pytest.raises(ConfigError, match="forward_fields"):
+            make_settings(
+                base_config(models=[upstream_model("http://127.0.0.1:9", forward_fields=rule)])
+            )
