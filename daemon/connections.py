@@ -38,6 +38,15 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._disarm_header_timer()
         super().on_headers_complete()
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # Answered before its body was all read (a 401, a 413): uvicorn keeps reading
+        # and dropping the rest, and each byte would put off its keep-alive timeout.
+        # The rest and the next request's headers get one header deadline.
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and self._header_timer is None:
+            self._arm_header_timer()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
         super().connection_lost(exc)

@@ -94,6 +94,26 @@ def test_slow_headers_and_slow_bodies_are_cut_off(tmp_path: Path) -> None:
         assert error["code"] == "request_timeout" and "server.body_timeout_s" in error["message"]
         assert 1.9 < took < 5  # cut off after the deadline, the connection closed
 
+        # Refused at once (no key), then the body trickles on: cut off all the same.
+        refused = connect(daemon.port)
+        refused.send(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+        )
+        started = time.monotonic()
+        answer = b""
+        refused.settimeout(5)
+        while b"\r\n\r\n" not in answer:
+            answer += refused.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 401")
+        for _ in range(20):
+            try:
+                refused.send(b"x")
+            except OSError:
+                break
+            time.sleep(0.3)
+        assert closed_by_peer(refused, 5) is not None
+        assert time.monotonic() - started < 5
+
         # A normal client is unaffected.
         reply = client_for(daemon.url).chat.completions.create(
             model="mock", messages=[{"role": "user", "content": "hi"}]
