@@ -293,6 +293,7 @@ def test_the_worst_requests_do_not_hold_up_livez(tmp_path: Path) -> None:
     worst = max(latencies)
     lag: dict[str, Any] = health["performance"]["event_loop_lag"]
     print(f"/livez: {len(latencies)} answers, worst {worst * 1000:.1f} ms; daemon's lag: {lag}")
-    # About 50 ms, with room for a machine shared with other test runs.
-    assert worst < 0.08, sorted(latencies)[-10:]
-    assert lag["max_ms"] is not None and lag["max_ms"] < 60
+    # About 50 ms, with room for a 2-core machine shared with other test runs (measured
+    # there: 20-47 ms worst /livez, 8-49 ms worst lag; before the limits: 20 s).
+    assert worst < 0.1, sorted(latencies)[-10:]
+    assert lag["max_ms"] is not None and lag["max_ms"] < 100
