@@ -297,3 +297,14 @@ def test_the_worst_requests_do_not_hold_up_livez(tmp_path: Path) -> None:
     # there: 20-47 ms worst /livez, 8-49 ms worst lag; before the limits: 20 s).
     assert worst < 0.1, sorted(latencies)[-10:]
     assert lag["max_ms"] is not None and lag["max_ms"] < 100
+
+
+def test_past_limit_concurrency_new_requests_get_503_until_connections_free_up(
+    tmp_path: Path,
+) -> None:
+    server = {"limit_concurrency": 20, "header_timeout_s": 2.0}
+    with running(tmp_path, base_config(server=server)) as daemon, open_sockets(daemon.port, 25):
+        # 25 idle connections hold every slot: a new request is turned away, not queued.
+        wait_for(lambda: httpx.get(daemon.url + "/livez", timeout=2).status_code == 503)
+        # The header deadline closes them, and the slots come back.
+        wait_for(lambda: httpx.get(daemon.url + "/livez", timeout=2).status_code == 200, 10)
