@@ -51,12 +51,11 @@ def _json(payload: Any, headers: dict[str, str] | None = None) -> Response:
 async def _model_request(request: Request, operation: str) -> Response:
     state = request.scope["state"]
     gw = _gateway(request)
-    body_timeout_s = gw.settings.server.body_timeout_s
     incoming = Incoming(
         authorization=_credentials(request),
         request_id=state["request_id"],
         trace_id=state.get("trace_id", ""),
-        read_body=lambda limit: read_body(request, limit, body_timeout_s),
+        read_body=lambda limit: read_body(request, limit),
         state=state,
     )
     result = await gw.pipeline.run(operation, incoming)

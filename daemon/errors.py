@@ -99,10 +99,6 @@ class RequestTimeout(GatewayError):
     error_type = "invalid_request_error"
     code = "request_timeout"
     kind = "request_timeout"
-    # The rest of the body may still be on its way: the connection cannot be reused.
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"connection": "close"})
 
 
 class RateLimited(GatewayError):

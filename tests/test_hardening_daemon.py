@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import orjson
 
-from tests.helpers import ADMIN_KEY, base_config, client_for, running, wait_for
+from tests.helpers import ADMIN_KEY, base_config, client_for, ledger_rows, running, wait_for
 
 AUTH = f"Authorization: Bearer {ADMIN_KEY}\r\n".encode()
 
@@ -93,6 +93,9 @@ def test_slow_headers_and_slow_bodies_are_cut_off(tmp_path: Path) -> None:
         error = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
         assert error["code"] == "request_timeout" and "server.body_timeout_s" in error["message"]
         assert 1.9 < took < 5  # cut off after the deadline, the connection closed
+        # The request's ledger row says so too.
+        rows = wait_for(lambda: ledger_rows(daemon.ledger_path, "status_code = 408"))
+        assert rows[0]["error_type"] == "request_timeout"
 
         # Refused at once (no key), then the body trickles on: cut off all the same.
         refused = connect(daemon.port)
