@@ -178,7 +178,43 @@ class DaemonClient:
         body = response.json()
         if response.status != 200 or not isinstance(body, dict) or "enabled" not in body:
             raise NotChatVault(f"{self.url} did not answer like ChatVault (HTTP {response.status})")
+        wrong = wrong_typed(body, TRACE_STATUS_TYPES)
+        if wrong is not None:
+            raise NotChatVault(
+                f"{self.url}/admin/traces/status did not answer like ChatVault "
+                f"({wrong!r} has the wrong type)"
+            )
         return body
+
+
+_NUMBER = (int, float)
+# What /admin/traces/status sends, each field null or of these types.
+TRACE_STATUS_TYPES: dict[str, tuple[type, ...]] = {
+    "enabled": (bool,),
+    "endpoint": (str,),
+    "protocol": (str,),
+    "spans_exported": _NUMBER,
+    "export_failures": _NUMBER,
+    "spans_failed": _NUMBER,
+    "spans_dropped": _NUMBER,
+    "queue_size": _NUMBER,
+    "queue_capacity": _NUMBER,
+    "last_success": _NUMBER,
+    "last_failure": _NUMBER,
+    "last_error": (str,),
+}
+
+
+def wrong_typed(body: dict[str, Any], types: dict[str, tuple[type, ...]]) -> str | None:
+    """The first field of ``body`` that is neither null nor of its type (a bool is not
+    a number here, whatever Python says)."""
+    for name, allowed in types.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            return name
+    return None
 
 
 def is_health_body(body: Any) -> bool:

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from daemon.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
+from daemon.errors import AuthenticationFailed, ModelNotFound, PermissionDenied, ServiceUnavailable
 from daemon.keys import ADMIN_KEY_ID, KeyRecord, hash_key
 from daemon.ledger.base import Store
 from daemon.limits import KeyLimits, take
@@ -42,11 +42,16 @@ class Principal:
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
 
-    def require_model(self, model: str) -> None:
-        if not self.may_use(model):
-            raise PermissionDenied(
-                f"This key is not allowed to use the model '{model}'.", param="model"
-            )
+    def require_model(self, model: str, *, as_unknown: bool = False) -> None:
+        """``as_unknown``: refuse exactly as for a model that does not exist (the
+        router's 404), so a key cannot learn which models exist by probing names."""
+        if self.may_use(model):
+            return
+        if as_unknown:
+            raise ModelNotFound(f"The model '{model}' does not exist.", param="model")
+        raise PermissionDenied(
+            f"This key is not allowed to use the model '{model}'.", param="model"
+        )
 
     @classmethod
     def from_record(cls, record: KeyRecord) -> Principal:

@@ -71,6 +71,28 @@ class MockOptions(_Strict):
     embedding_dimensions: int = Field(default=8, gt=0, le=4096)
 
 
+# Request fields that change what an OpenAI-compatible upstream charges or keeps, refused
+# unless a model's ``forward_fields`` says otherwise (docs/security.md): a priority tier,
+# stored completions, paid web search, predicted outputs (rejected tokens are billed),
+# background (stored) responses.
+DEFAULT_DENIED_FIELDS = ("service_tier", "store", "web_search_options", "prediction", "background")
+
+
+class ForwardFields(_Strict):
+    """Which top-level request fields reach this model's upstream: ``allow`` (only these,
+    besides the ones the gateway sets itself) or ``deny`` (all but these; replaces the
+    default list, ``[]`` forwards everything)."""
+
+    allow: list[str] | None = None
+    deny: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ForwardFields:
+        if (self.allow is None) == (self.deny is None):
+            raise ValueError("give either allow or deny")
+        return self
+
+
 class ModelConfig(_Strict):
     name: str = Field(min_length=1)
     provider: str = Field(min_length=1)
@@ -78,7 +100,13 @@ class ModelConfig(_Strict):
     api_base: HttpUrl | None = None
     api_key_env: EnvName | None = None
     pricing: Pricing | None = None
+    # Upstream timeouts, each defaulting to upstream's: connecting, the response
+    # starting (and each later read), and the whole call (a stream to its end).
+    connect_timeout_s: Positive | None = None
+    first_byte_timeout_s: Positive | None = None
     timeout_s: Positive | None = None
+    # Fields forwarded to an OpenAI-compatible upstream; default: deny DEFAULT_DENIED_FIELDS.
+    forward_fields: ForwardFields | None = None
     mock: MockOptions = MockOptions()
     # How /v1/responses reaches this deployment: "translate" to chat completions (any
     # provider), or "native": passed through to the upstream's own POST /responses
@@ -112,6 +140,14 @@ class ServerConfig(_Strict):
     workers: int = Field(default=1, ge=1, le=64)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     drain_timeout_s: Positive = 30.0
+    # Connections and requests served at once (uvicorn's limit_concurrency; idle
+    # keep-alive connections count): past it, new requests get 503.
+    limit_concurrency: int = Field(default=2048, gt=0)
+    # A client must send its request headers within this time of connecting (or of
+    # starting its next request), and its whole body within body_timeout_s of them.
+    header_timeout_s: Positive = 10.0
+    body_timeout_s: Positive = 60.0
+    keep_alive_s: Positive = 5.0
     request_id_header: str = "x-request-id"
     access_log: bool = True
 
@@ -147,6 +183,24 @@ class LedgerConfig(_Strict):
 class AuthConfig(_Strict):
     admin_key_env: EnvName = "CHATVAULT_ADMIN_KEY"
     refresh_interval_s: Positive = 1.0  # how soon new and revoked keys take effect
+    # A model the key may not use: 404 like an unknown model (names cannot be probed),
+    # or 403 saying the key is not allowed.
+    forbidden_model_status: Literal[404, 403] = 404
+
+
+class RequestLimits(_Strict):
+    """What one request may make the gateway do (docs/security.md)."""
+
+    # JSON values in a body over 64 KiB (counted by its commas and brackets, before
+    # parsing): 4 MiB of "[]," parses for about a second on the event loop.
+    max_json_values: int = Field(default=200_000, gt=0)
+    max_embedding_inputs: int = Field(default=2048, gt=0)  # OpenAI's own limit
+    max_embedding_dimensions: int = Field(default=16384, gt=0)
+    # inputs x dimensions: the size of the answer, about 21 bytes of JSON per value.
+    # 2^20 values (22 MB) cost the event loop about 40 ms of copying; OpenAI's largest
+    # batch (2048 x 3072, 130 MB) would cost a quarter of a second (docs/security.md).
+    max_embedding_values: int = Field(default=1 << 20, gt=0)
+    max_chat_messages: int = Field(default=4096, gt=0)
 
 
 def _redis_url(value: str) -> str:
@@ -171,8 +225,14 @@ class LimitsConfig(_Strict):
 
 
 class UpstreamConfig(_Strict):
-    timeout_s: Positive = 120.0
+    # The defaults of every model's timeouts (ModelConfig): the whole call, connecting,
+    # and the response starting (also the longest silence between reads of a stream).
+    timeout_s: Positive = 600.0
     connect_timeout_s: Positive = 5.0
+    first_byte_timeout_s: Positive = 120.0
+    # The longest SSE event an upstream may send (or the bytes it may send without
+    # ending one): past it the call fails as an upstream error.
+    max_event_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     max_connections: int = Field(default=512, gt=0)
     # Attempts per model when routing.retries is not set (routing.retries wins).
     max_attempts: int = Field(default=2, ge=1, le=10)
@@ -256,6 +316,7 @@ class Settings(_Strict):
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
     upstream: UpstreamConfig = UpstreamConfig()
+    requests: RequestLimits = RequestLimits()
     models: list[ModelConfig] = Field(min_length=1)
     monitoring: MonitoringConfig = MonitoringConfig()
     routing: RoutingConfig = RoutingConfig()

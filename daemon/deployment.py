@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from daemon.config import ModelConfig, Settings
+from daemon.forwarding import FORWARD_ALL, FieldPolicy
 from daemon.pricing import Price, litellm_cost_map, needs_cost_map, price_for
 from daemon.providers import build_provider, upstream_key
 from daemon.providers.base import Provider
@@ -26,6 +27,7 @@ class Deployment:
     provider: Provider
     price: Price
     problem: str | None = None  # why it cannot serve at all (e.g. its key is not set)
+    fields: FieldPolicy = FORWARD_ALL  # the request fields its upstream may receive
 
     @property
     def name(self) -> str:
@@ -50,11 +52,14 @@ def build_deployments(
             model,
             session=session,
             environ=environ,
-            default_timeout_s=settings.upstream.timeout_s,
+            upstream=settings.upstream,
         )
         problem = None
         if model.api_key_env and not upstream_key(model, environ):
             problem = f"{model.api_key_env} is not set"
             log.warning("models[%d] (%s): %s", index, model.name, problem)
-        out.append(Deployment(index, model, provider, price_for(model, cost_map), problem))
+        price = price_for(model, cost_map)
+        out.append(
+            Deployment(index, model, provider, price, problem, FieldPolicy.from_config(model))
+        )
     return out

@@ -94,6 +94,15 @@ class RequestTooLarge(GatewayError):
     kind = "too_large"
 
 
+class RequestTimeout(GatewayError):
+    """The client did not send its request in time (server.body_timeout_s)."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+    kind = "request_timeout"
+
+
 class RateLimited(GatewayError):
     status_code = 429
     error_type = "requests"
@@ -117,6 +126,14 @@ class UpstreamError(GatewayError):
     error_type = "upstream_error"
     code = "bad_gateway"
     kind = "upstream_error"
+
+
+class UpstreamIncomplete(UpstreamError):
+    """The upstream ended a stream cleanly but before its end (no finish_reason, no
+    ``[DONE]``): what the client got is truncated."""
+
+    code = "upstream_incomplete"
+    kind = "upstream_incomplete"
 
 
 class UpstreamUnavailable(UpstreamError):

@@ -32,6 +32,7 @@ from daemon.ledger import open_store
 from daemon.ledger.base import Store, day_start
 from daemon.ledger.writer import LedgerWriter
 from daemon.lifecycle import Lifecycle
+from daemon.loop_lag import LoopLag
 from daemon.metrics import AnyMetrics
 from daemon.pipeline import Pipeline
 from daemon.probes import Probes
@@ -104,6 +105,7 @@ class Gateway:
             ready_during_outage_s=ledger.ready_during_outage_s,
         )
         self._stack = contextlib.AsyncExitStack()
+        self.loop_lag = LoopLag(metrics.record_loop_lag)
 
     # -- lifetime --------------------------------------------------------------
 
@@ -149,6 +151,7 @@ class Gateway:
             raise
         self._start_warmups()
         self._background(self.probes.run(), "chatvault-health")
+        self._background(self.loop_lag.run(), "chatvault-loop-lag")
         if self.metrics.enabled:
             self._background(self._sample_loop(), "chatvault-metrics-sampler")
             self._background(self._business_loop(), "chatvault-business-metrics")
@@ -195,6 +198,7 @@ class Gateway:
             metrics_multiprocess=metrics.multiprocess if metrics.enabled else None,
             cache=self.cache.status,
             clock=self.clock,
+            loop_lag=self.loop_lag,
         )
         self.probes.after_round.append(self._sample_health)
         accounting = Accounting(
@@ -232,6 +236,8 @@ class Gateway:
             clock=self.clock,
             max_body_bytes=s.server.max_body_bytes,
             cache=self.cache,
+            limits=s.requests,
+            hide_forbidden_models=s.auth.forbidden_model_status == 404,
         )
 
     async def stop(self) -> None:

@@ -55,6 +55,20 @@ class LedgerStatus(Protocol):
     def readiness(self, now: float | None = None) -> tuple[bool, str]: ...
 
 
+class LagStatus(Protocol):
+    """What health reads of the event-loop lag sampler."""
+
+    def summary(self) -> dict[str, float | None]: ...
+
+
+class _NoLag:
+    def summary(self) -> dict[str, float | None]:
+        return {"last_ms": None, "max_ms": None, "window_s": 0.0}
+
+
+_NO_LAG = _NoLag()
+
+
 class KeyStatus(Protocol):
     """What health reads of the key cache."""
 
@@ -93,8 +107,10 @@ class Health:
         metrics_multiprocess: bool | None,  # None: metrics are off
         cache: CacheStatus | None = None,  # None: no response cache
         clock: Callable[[], float] = time.time,
+        loop_lag: LagStatus = _NO_LAG,
     ) -> None:
         self.settings = settings
+        self.loop_lag = loop_lag
         self.probes = probes
         self.availability = availability
         self.ledger = ledger
@@ -149,6 +165,7 @@ class Health:
                 "memory_usage_mb": round(self.probes.process.memory_info().rss / 1_048_576, 1),
                 "cpu_percent": round(self.probes.cpu_percent, 1),
                 "uptime_seconds": round(time.time() - self.started, 1),
+                "event_loop_lag": self.loop_lag.summary(),
             }
         else:
             body["components"] = {name: c.public() for name, c in components.items()}

@@ -19,6 +19,7 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 # The gateway's own time: sub-millisecond when healthy.
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 DB_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 _MODEL = ("model", "provider")
@@ -101,6 +102,7 @@ SPECS = (
     Spec("upstream_up", Gauge, "chatvault_upstream_up", "1 when the upstream answered its last probe, 0 when not.", ("upstream",), mode="min"),
     Spec("component_status", Gauge, "chatvault_health_status", "Health by component (and overall): 0 healthy, 1 degraded, 2 unhealthy.", ("component",), mode="max"),
     # Process
+    Spec("loop_lag", Histogram, "chatvault_event_loop_lag_seconds", "How much later than asked the event loop woke a sleeping task (sampled every 0.1 s): time every request waited behind other work.", (), LOOP_LAG_BUCKETS),
     Spec("cpu_seconds", Counter, "chatvault_process_cpu_seconds", "CPU time used by the gateway's processes."),
     Spec("memory", Gauge, "chatvault_process_resident_memory_bytes", "Resident memory of the gateway's processes."),
     Spec("start_time", Gauge, "chatvault_process_start_time_seconds", "Start time of the oldest gateway process, unix seconds.", mode="min"),

@@ -81,6 +81,7 @@ class MetricsCollector:
     trace_last_success: Gauge
     upstream_up: Gauge
     component_status: Gauge
+    loop_lag: Histogram
     cpu_seconds: Counter
     memory: Gauge
     start_time: Gauge
@@ -218,6 +219,9 @@ class MetricsCollector:
     def record_db(self, operation: str, table: str, seconds: float) -> None:
         self._child(self.db_duration, operation, table).observe(seconds)
 
+    def record_loop_lag(self, seconds: float) -> None:
+        self.loop_lag.observe(seconds)
+
     # -- the ledger writer's observer ----------------------------------------------
 
     def batch_written(
@@ -323,6 +327,9 @@ class NullMetrics:
         return None
 
     def record_db(self, operation: str, table: str, seconds: float) -> None:
+        return None
+
+    def record_loop_lag(self, seconds: float) -> None:
         return None
 
     def batch_written(

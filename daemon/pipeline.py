@@ -1,9 +1,10 @@
 """The model-request pipeline: one request, top to bottom, in the order it happens.
 
     authenticate          the key                                   → 401 (503 key store down)
-    parse and validate    the body                                  → 400, 413
+    parse and validate    the body, within request limits            → 400, 408, 413
     resolve the model     router: its deployments, best first       → 404
-    admit                 key's models, rate limits, budget reservation → 403, 429
+    admit                 key's models (404 as unknown, or 403), fields each deployment
+                          forwards (``forwarding.py``), rate limits, budget → 400, 429
     call the upstream     deployments in order (``attempts.py``)     → 502, 504
     account               one Usage record → the sinks (``sinks.py``)
 
@@ -27,10 +28,11 @@ from daemon.admission import Admission
 from daemon.attempts import UpstreamCaller
 from daemon.auth import Authenticator, Principal
 from daemon.cache import AnyCache, DisabledCache, Entry, collect, replay, replay_stream
+from daemon.config import RequestLimits
 from daemon.lifecycle import Lifecycle
 from daemon.providers.base import UpstreamCall
 from daemon.relay import StreamTally, ask_for_usage, observe, relay
-from daemon.requests import parse_chat, parse_embeddings, parse_json_object
+from daemon.requests import DEFAULT_LIMITS, parse_chat, parse_embeddings, parse_json_object
 from daemon.router import Router
 from daemon.sinks import Accounting
 from daemon.surfaces import Surface, open_surface
@@ -76,6 +78,8 @@ class Pipeline:
         clock: Callable[[], float],
         max_body_bytes: int,
         cache: AnyCache | None = None,
+        limits: RequestLimits = DEFAULT_LIMITS,
+        hide_forbidden_models: bool = True,
     ) -> None:
         self.auth = auth
         self.router = router
@@ -87,6 +91,9 @@ class Pipeline:
         self.clock = clock
         self.max_body_bytes = max_body_bytes
         self.cache: AnyCache = cache or DisabledCache()
+        self.limits = limits
+        # A model the key may not use answers as an unknown one (auth.forbidden_model_status).
+        self.hide_forbidden_models = hide_forbidden_models
 
     async def run(self, operation: str, incoming: Incoming) -> Answer | Stream:
         principal = await self.auth.authenticate(incoming.authorization)
@@ -95,15 +102,15 @@ class Pipeline:
         try:
             # Parse and validate.
             raw = await incoming.read_body(self.max_body_bytes)
-            body = parse_json_object(raw)
+            body = sent = parse_json_object(raw, self.limits.max_json_values)
             client_wants_usage = False
             surface: Surface | None = None
             if operation == "chat":
-                params = parse_chat(body)
+                params = parse_chat(body, self.limits)
                 model, stream = params.model, params.stream
                 client_wants_usage = params.include_usage
             elif operation == "embeddings":
-                model, stream = parse_embeddings(body), False
+                model, stream = parse_embeddings(body, self.limits), False
             else:  # Responses API, legacy completions: a chat body from here on
                 surface = open_surface(operation, body)
                 body, model, stream = surface.chat_body, surface.model, surface.stream
@@ -113,9 +120,12 @@ class Pipeline:
             usage.known_model = self.router.knows(model)
             self.lifecycle.check_accepting()
             plan = self.router.plan(model)
+            deployments = plan.deployments()  # the model's, then its fallbacks'
             if surface is not None:
-                surface.check_servable(d.provider for d in plan.deployments())
-            principal.require_model(model)
+                surface.check_servable(d.provider for d in deployments)
+            principal.require_model(model, as_unknown=self.hide_forbidden_models)
+            for deployment in deployments:
+                deployment.fields.check(sent, model)
             # The response cache: a hit neither reserves budget nor reaches an upstream.
             if self.cache.enabled and operation == "chat":
                 entry = await self.cache.lookup(
@@ -124,7 +134,7 @@ class Pipeline:
                 if entry is not None:
                     return self._hit(entry, usage, stream, client_wants_usage)
             # Admit.
-            prices = [d.price for leg in plan.legs for d in leg.deployments]
+            prices = [d.price for d in deployments]
             decision = await self.admission.admit(principal, usage, body, len(raw), prices)
             headers = dict(decision.headers)
             # Call the upstream, and account.

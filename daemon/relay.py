@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from daemon.errors import GatewayError, as_gateway_error, sse_error_event
+from daemon.errors import GatewayError, UpstreamIncomplete, as_gateway_error, sse_error_event
 from daemon.providers.sse import event_data
 from daemon.usage import TokenCounts, Usage
 
@@ -142,9 +142,11 @@ async def relay(
     of another protocol (the Responses API's, ``daemon/surfaces/responses/events.py``)."""
     completed = False
     first = True
+    last = b""
     upstream_started = time.perf_counter() - (usage.upstream_latency_s or 0.0)
     try:
         async for batch in events:
+            last = batch[-1] if batch else last
             kept = [e for e in batch if observe_event(e, tally) is not None]
             if not kept:
                 continue
@@ -156,6 +158,15 @@ async def relay(
         if tally.error is not None:
             usage.status_code = 502
             usage.error_type = "upstream_error"
+        elif not tally.finish_reasons and not last.rstrip().endswith(b"[DONE]"):
+            # The upstream closed cleanly mid-answer: the client must not take a
+            # truncated answer for a whole one.
+            incomplete = UpstreamIncomplete(
+                "The upstream ended the stream before the answer was complete "
+                "(no finish_reason, no [DONE])."
+            )
+            usage.status_code, usage.error_type = incomplete.status_code, incomplete.kind
+            yield sse_error_event(incomplete)
     except Exception as exc:
         error = as_gateway_error(exc)
         if not isinstance(exc, GatewayError):
@@ -176,7 +187,11 @@ async def relay(
             usage.tokens = tally.tokens
         else:
             usage.tokens = tally.estimate_tokens()
-            usage.estimated_reason = "stream_cut_before_usage"
+            usage.estimated_reason = (
+                "stream_incomplete"
+                if usage.error_type == UpstreamIncomplete.kind
+                else "stream_cut_before_usage"
+            )
         usage.response_model = tally.response_model
         usage.response_id = tally.response_id
         usage.finish_reasons = tuple(tally.finish_reasons)

@@ -30,6 +30,7 @@ import uvicorn
 
 from daemon.app import create_app
 from daemon.config import Settings
+from daemon.connections import with_deadlines
 from daemon.ledger import open_store
 from daemon.ledger.base import redact_text, redact_url
 from daemon.lifecycle import Lifecycle
@@ -130,6 +131,10 @@ def _uvicorn_config(settings: Settings) -> tuple[uvicorn.Config, Lifecycle]:
         timeout_graceful_shutdown=cast(int, settings.server.drain_timeout_s),
         server_header=False,
         proxy_headers=False,
+        http=with_deadlines(settings.server.header_timeout_s, settings.server.body_timeout_s),
+        limit_concurrency=settings.server.limit_concurrency,
+        # uvicorn types this as int too, and schedules it with call_later.
+        timeout_keep_alive=cast(int, settings.server.keep_alive_s),
     )
     return config, app.state.gateway.lifecycle
 

@@ -117,6 +117,7 @@ def test_health_json_is_the_daemons_body(healthy: Daemon) -> None:
         "memory_usage_mb",
         "cpu_percent",
         "uptime_seconds",
+        "event_loop_lag",
     }
     assert len(body["components"]) == 7
 

@@ -65,7 +65,12 @@ def test_healthy_body_has_the_documented_shape(make_client: MakeClient) -> None:
     assert db["backend"] == "sqlite" and db["request_rows"] == 0 and db["size_bytes"] > 0
     assert body["components"]["authentication"]["admin_key_source"] == "environment"
     assert body["components"]["metrics"]["series"] > 10
-    assert set(body["performance"]) == {"memory_usage_mb", "cpu_percent", "uptime_seconds"}
+    assert set(body["performance"]) == {
+        "memory_usage_mb",
+        "cpu_percent",
+        "uptime_seconds",
+        "event_loop_lag",
+    }
     assert body["performance"]["memory_usage_mb"] > 10
 
 

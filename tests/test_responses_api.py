@@ -275,7 +275,10 @@ def test_passed_through_to_an_upstream_that_speaks_responses(
 ) -> None:
     state = Upstream(reply_words=("native", "answer"), usage=(21, 5))
     with ServerThread(responses_upstream(state)) as upstream:
-        config = upstream_config(upstream.url, responses_api="native")
+        # store is refused by default (docs/security.md): this operator allows it.
+        config = upstream_config(
+            upstream.url, responses_api="native", forward_fields={"deny": ["service_tier"]}
+        )
         client = openai_client(make_client(config))
         # Stateful features are the upstream's business here: they pass through.
         response = client.responses.create(

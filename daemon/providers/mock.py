@@ -52,8 +52,22 @@ _LOREM = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing",
 _ALTERNATIVES = (" the", " a", ",", ".", " and", " of", " to", " in", " is", " it")
 
 
+_NON_WORD = re.compile(r"\W")
+_CHUNK_CHARS = 65536  # one regex call: about 5 ms; then another thread may run
+
+
 def count_tokens(text: str) -> int:
-    return len(_TOKEN.findall(text))
+    if len(text) <= _CHUNK_CHARS:
+        return len(_TOKEN.findall(text))
+    # In pieces cut before a non-word character (no token spans one), so that a
+    # thread counting a 4 MB prompt (0.3 s) gives the GIL back between pieces.
+    total, start = 0, 0
+    while start < len(text):
+        cut = _NON_WORD.search(text, start + _CHUNK_CHARS)
+        end = cut.start() if cut else len(text)
+        total += len(_TOKEN.findall(text, start, end))
+        start = end
+    return total
 
 
 def message_text(content: Any) -> str:
@@ -181,7 +195,7 @@ class MockProvider:
         if self.options.reply is not None:
             text = self.options.reply
         else:
-            said = " ".join(last_user_text(messages).split()[:_ECHO_WORDS])
+            said = " ".join(last_user_text(messages).split(maxsplit=_ECHO_WORDS)[:_ECHO_WORDS])
             text = f"This is ChatVault's mock model. You said: {said}".strip()
         return text.split()
 
@@ -240,7 +254,9 @@ class MockProvider:
             ).decode()
         last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
         if last.get("role") == "tool":  # after a tool ran: say what it returned, in text
-            result = " ".join(message_text(last.get("content")).split()[:_ECHO_WORDS])
+            result = " ".join(
+                message_text(last.get("content")).split(maxsplit=_ECHO_WORDS)[:_ECHO_WORDS]
+            )
             text = f"The tool returned: {result}"
         elif chunks:
             text = " ".join(_LOREM[i % len(_LOREM)] for i in range(chunks))
@@ -303,8 +319,15 @@ class MockProvider:
             "finish_reason": choice.finish,
         }
 
+    async def _plan_for(self, body: dict[str, Any]) -> Plan:
+        """The plan, made in a worker thread when the prompt is large (a 4 MB prompt
+        takes 0.3 s to count); small prompts, nearly all of them, stay on the loop."""
+        if _prompt_chars(body.get("messages")) <= _CHUNK_CHARS:
+            return self._plan(body)
+        return await asyncio.to_thread(self._plan, body)
+
     async def complete(self, call: UpstreamCall) -> Reply:
-        plan = self._plan(call.body)  # mock:fail-mid-stream fails streams only
+        plan = await self._plan_for(call.body)  # mock:fail-mid-stream fails streams only
         await self._delay(self.options.latency_s + plan.delay_s)
         tokens = plan.tokens()
         response_id = "chatcmpl-" + secrets.token_hex(12)
@@ -320,7 +343,7 @@ class MockProvider:
         return Reply(orjson.dumps(body), tokens, self.model, response_id, reasons)
 
     async def open_stream(self, call: UpstreamCall) -> AsyncIterator[list[bytes]]:
-        plan = self._plan(call.body)
+        plan = await self._plan_for(call.body)
         include_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
         await self._delay(self.options.latency_s + plan.delay_s)
         return self._stream(plan, include_usage)
@@ -393,21 +416,41 @@ class MockProvider:
         if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
             raise InvalidRequest("The mock model embeds strings only.", param="input")
         await self._delay(self.options.latency_s)
-        dims = call.body.get("dimensions") or self.options.embedding_dimensions
+        dims = int(call.body.get("dimensions") or self.options.embedding_dimensions)
+        # 2048 inputs of 3072 dimensions take about a second to make: in a thread
+        # (the GIL is handed back between vectors), not on the event loop.
+        if len(inputs) * dims + sum(map(len, inputs)) <= _CHUNK_CHARS:
+            return self._embeddings(inputs, dims)
+        return await asyncio.to_thread(self._embeddings, inputs, dims)
+
+    def _embeddings(self, inputs: list[str], dims: int) -> Reply:
         n_in = sum(count_tokens(text) for text in inputs)
-        body = {
-            "object": "list",
-            "data": [
-                {"object": "embedding", "index": i, "embedding": _vector(text, int(dims))}
-                for i, text in enumerate(inputs)
-            ],
-            "model": self.model,
-            "usage": {"prompt_tokens": n_in, "total_tokens": n_in},
-        }
-        return Reply(orjson.dumps(body), TokenCounts(input=n_in), self.model)
+        # Serialised a vector at a time: orjson holds the GIL for a whole call, and
+        # one call over 2048 x 3072 values would stop the event loop for 0.4 s. One
+        # join, not two: copying the result is the other cost (about 10 ms per 10 MB).
+        tail = {"model": self.model, "usage": {"prompt_tokens": n_in, "total_tokens": n_in}}
+        parts = [b'{"object":"list","data":[']
+        for i, text in enumerate(inputs):
+            if i:
+                parts.append(b",")
+            item = {"object": "embedding", "index": i, "embedding": _vector(text, dims)}
+            parts.append(orjson.dumps(item))
+        parts.append(b"]," + orjson.dumps(tail)[1:])
+        body = b"".join(parts)
+        return Reply(body, TokenCounts(input=n_in), self.model)
 
     async def probe(self, timeout_s: float) -> ProbeResult:
         return ProbeResult(ok=True, latency_s=0.0)
+
+
+def _prompt_chars(messages: Any) -> int:
+    if not isinstance(messages, list):
+        return 0
+    return sum(
+        len(m["content"]) if isinstance(m.get("content"), str) else 64
+        for m in messages
+        if isinstance(m, dict)
+    )
 
 
 def _call_delta(call: dict[str, Any]) -> dict[str, Any]:
@@ -434,12 +477,8 @@ def _usage(tokens: TokenCounts) -> dict[str, int]:
 def _vector(text: str, dims: int) -> list[float]:
     """A deterministic unit vector from the text's hash."""
     seed = hashlib.sha256(text.encode()).digest()
-    raw: list[float] = []
-    counter = 0
-    while len(raw) < dims:
-        block = hashlib.sha256(seed + counter.to_bytes(4, "big")).digest()
-        raw.extend(v / 2**31 - 1.0 for v in struct.unpack(">8I", block))
-        counter += 1
-    raw = raw[:dims]
-    norm = math.sqrt(sum(v * v for v in raw)) or 1.0
+    blocks = -(-dims // 8)
+    stream = b"".join(hashlib.sha256(seed + c.to_bytes(4, "big")).digest() for c in range(blocks))
+    raw = [v / 2**31 - 1.0 for v in struct.unpack(f">{dims}I", stream[: dims * 4])]
+    norm = math.sqrt(math.fsum(v * v for v in raw)) or 1.0
     return [v / norm for v in raw]

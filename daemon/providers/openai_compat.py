@@ -11,9 +11,11 @@ as it arrives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,13 +28,14 @@ from daemon.errors import (
     GatewayError,
     InvalidRequest,
     RateLimited,
+    UpstreamConnectTimeout,
     UpstreamError,
     UpstreamFirstByteTimeout,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from daemon.providers.base import ProbeResult, Reply, UpstreamCall
-from daemon.providers.sse import EventSplitter
+from daemon.providers.sse import MAX_EVENT_BYTES, EventSplitter
 
 _MAX_MESSAGE = 500
 
@@ -99,7 +102,11 @@ def _raw_error_message(body: bytes) -> str:
 
 
 def transport_error(exc: BaseException, provider: str) -> GatewayError:
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamConnectTimeout(
+            f"The upstream ({provider}) could not be connected to in time."
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamUnavailable(f"The upstream ({provider}) cannot be reached.")
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamTimeout(f"The upstream ({provider}) did not answer in time.")
@@ -108,7 +115,57 @@ def transport_error(exc: BaseException, provider: str) -> GatewayError:
     return UpstreamError(f"The upstream ({provider}) call failed ({type(exc).__name__}).")
 
 
+def request_error(exc: BaseException, provider: str, timeouts: Timeouts) -> GatewayError:
+    """A failure before the response started: which timeout ran out, if one did."""
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return UpstreamFirstByteTimeout(
+            f"The upstream ({provider}) did not start its answer within "
+            f"{timeouts.first_byte_s:g}s (first_byte_timeout_s)."
+        )
+    if isinstance(exc, asyncio.TimeoutError) and not isinstance(exc, aiohttp.ServerTimeoutError):
+        return UpstreamTimeout(
+            f"The upstream ({provider}) did not answer within {timeouts.total_s:g}s (timeout_s)."
+        )
+    return transport_error(exc, provider)
+
+
 _TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+# orjson parses about 15 ms per MB holding the GIL: 2048 vectors of 3072 dimensions
+# (130 MB) would stop the event loop for two seconds. Above this size an embeddings
+# answer is forwarded as it is and only its usage and model are read.
+_SKIM_ABOVE = 1 << 20
+_USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
+_MODEL = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.){0,512}")')
+
+
+def skim_top_level(body: bytes) -> dict[str, Any]:
+    """``usage`` and ``model`` of a large JSON answer, found from its end without parsing
+    the rest. A quote inside a JSON string is escaped, so ``"usage":`` can only be a key;
+    the last one is taken (OpenAI puts them after ``data``)."""
+    out: dict[str, Any] = {}
+    for key, pattern in ((b'"usage"', _USAGE), (b'"model"', _MODEL)):
+        at = body.rfind(key)
+        found = pattern.match(body, at) if at >= 0 else None
+        if found is not None:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                out[key.strip(b'"').decode()] = orjson.loads(found.group(1))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """A model's upstream timeouts: connecting (a free pooled connection included),
+    the response starting (and each later read: the longest silence), the whole call."""
+
+    connect_s: float = 5.0
+    first_byte_s: float = 120.0
+    total_s: float = 600.0
+
+    def client_timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(
+            total=self.total_s, connect=self.connect_s, sock_read=self.first_byte_s
+        )
 
 
 class OpenAICompatProvider:
@@ -121,9 +178,10 @@ class OpenAICompatProvider:
         api_base: str,
         api_key: str | None,
         session: aiohttp.ClientSession,
-        timeout_s: float | None = None,
+        timeouts: Timeouts = Timeouts(),
         probe_path: str = "/models",
         responses_native: bool = False,
+        max_event_bytes: int = MAX_EVENT_BYTES,
     ) -> None:
         self.name = name
         # The upstream implements POST /responses itself (config: responses_api: native).
@@ -138,7 +196,11 @@ class OpenAICompatProvider:
         self.server_address: str | None = parts.hostname
         self.server_port: int | None = parts.port or (443 if parts.scheme == "https" else 80)
         self.session = session
-        self.timeout = aiohttp.ClientTimeout(sock_read=timeout_s) if timeout_s else None
+        # One object for every call: the session's default would drop the connect
+        # timeout as soon as a per-call one replaced it.
+        self.timeouts = timeouts
+        self.timeout = timeouts.client_timeout()
+        self.max_event_bytes = max_event_bytes
         self.probe_url = self.root + "/api/tags" if name == "ollama" else self.base + probe_path
         # HTTP(S)_PROXY and NO_PROXY, resolved once: aiohttp's trust_env would look
         # them up again in a worker thread on every request.
@@ -149,24 +211,16 @@ class OpenAICompatProvider:
 
     async def _send(self, path: str, call: UpstreamCall) -> aiohttp.ClientResponse:
         headers = {**self._headers, **call.headers} if call.headers else self._headers
-        options: dict[str, Any] = {
-            "data": orjson.dumps(call.body),
-            "headers": headers,
-            "proxy": self.proxy,
-        }
-        timeout = (
-            aiohttp.ClientTimeout(sock_read=call.timeout_s) if call.timeout_s else self.timeout
-        )
-        if timeout is not None:
-            options["timeout"] = timeout
         try:
-            response = await self.session.post(self.base + path, **options)
-        except aiohttp.SocketTimeoutError as exc:  # connected, no response headers in time
-            raise UpstreamFirstByteTimeout(
-                f"The upstream ({self.name}) did not start its answer in time."
-            ) from exc
+            response = await self.session.post(
+                self.base + path,
+                data=orjson.dumps(call.body),
+                headers=headers,
+                proxy=self.proxy,
+                timeout=self.timeout,
+            )
         except _TRANSPORT_ERRORS as exc:
-            raise transport_error(exc, self.name) from exc
+            raise request_error(exc, self.name, self.timeouts) from exc
         if response.status >= 400:
             try:
                 body = await response.read()
@@ -182,7 +236,16 @@ class OpenAICompatProvider:
             raise error
         return response
 
-    async def _post_json(self, path: str, call: UpstreamCall) -> Reply:
+    async def _post_json(
+        self,
+        path: str,
+        call: UpstreamCall,
+        read: Callable[[bytes, Any], Reply],
+        *,
+        skim: bool = False,
+    ) -> Reply:
+        """POST, read the whole answer, parse it; ``read`` takes usage and ids from it.
+        ``skim``: a large answer (embeddings) is not parsed whole, only its usage."""
         response = await self._send(path, call)
         try:
             body = await response.read()
@@ -190,17 +253,21 @@ class OpenAICompatProvider:
             raise transport_error(exc, self.name) from exc
         finally:
             response.release()
+        if skim and len(body) > _SKIM_ABOVE:
+            skimmed = skim_top_level(body)
+            if "usage" in skimmed:  # else parsed whole, slowly: the usage is what bills
+                return read(body, skimmed)
         try:
             parsed = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise UpstreamError(f"The upstream ({self.name}) answered with invalid JSON.") from None
-        return Reply.from_json(body, parsed)
+        return read(body, parsed)
 
     async def complete(self, call: UpstreamCall) -> Reply:
-        return await self._post_json("/chat/completions", call)
+        return await self._post_json("/chat/completions", call, Reply.from_json)
 
     async def embed(self, call: UpstreamCall) -> Reply:
-        return await self._post_json("/embeddings", call)
+        return await self._post_json("/embeddings", call, Reply.from_json, skim=True)
 
     async def open_stream(self, call: UpstreamCall) -> AsyncIterator[list[bytes]]:
         response = await self._send("/chat/completions", call)
@@ -209,18 +276,7 @@ class OpenAICompatProvider:
     async def create_response(self, call: UpstreamCall) -> Reply:
         """The Responses API, passed through: the body is the client's, usage is read
         from the Responses shape (``input_tokens``, ``output_tokens``)."""
-        response = await self._send("/responses", call)
-        try:
-            body = await response.read()
-        except _TRANSPORT_ERRORS as exc:
-            raise transport_error(exc, self.name) from exc
-        finally:
-            response.release()
-        try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(f"The upstream ({self.name}) answered with invalid JSON.") from None
-        return Reply.from_responses_json(body, parsed)
+        return await self._post_json("/responses", call, Reply.from_responses_json)
 
     async def open_response_stream(self, call: UpstreamCall) -> AsyncIterator[list[bytes]]:
         """A streamed Responses API call: the upstream's events, forwarded as they come."""
@@ -228,7 +284,7 @@ class OpenAICompatProvider:
         return self._events(response)
 
     async def _events(self, response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
-        splitter = EventSplitter()
+        splitter = EventSplitter(self.max_event_bytes, self.name)
         try:
             async for data in response.content.iter_any():
                 events = splitter.feed(data)

@@ -7,14 +7,24 @@ from the events lives in ``daemon/relay.py``.
 
 from __future__ import annotations
 
+from daemon.errors import UpstreamError
+
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+
 
 class EventSplitter:
-    """Accumulates bytes and hands out complete SSE events."""
+    """Accumulates bytes and hands out complete SSE events.
 
-    __slots__ = ("_buffer",)
+    An event may not grow past ``max_event_bytes``: an upstream that never ends one
+    (no blank line) fails the call instead of filling memory.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_buffer", "max_event_bytes", "provider")
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES, provider: str = "upstream") -> None:
         self._buffer = b""
+        self.max_event_bytes = max_event_bytes
+        self.provider = provider
 
     def feed(self, data: bytes) -> list[bytes]:
         buffer = self._buffer + data if self._buffer else data
@@ -22,6 +32,12 @@ class EventSplitter:
             buffer = buffer.replace(b"\r\n", b"\n")
         events = buffer.split(b"\n\n")
         self._buffer = events.pop()
+        if len(self._buffer) > self.max_event_bytes:
+            self._buffer = b""
+            raise UpstreamError(
+                f"The upstream ({self.provider}) sent more than {self.max_event_bytes} bytes "
+                "without ending an event; the call was stopped."
+            )
         return [e + b"\n\n" for e in events if e]
 
     def rest(self) -> bytes:

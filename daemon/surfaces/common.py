@@ -9,8 +9,6 @@ from typing import Any
 
 import orjson
 
-from daemon.providers.sse import event_data
-
 DONE = b"[DONE]"
 
 
@@ -36,10 +34,6 @@ def json_object(data: bytes | None) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
-
-
-def event_object(event: bytes) -> dict[str, Any] | None:
-    return json_object(event_data(event))
 
 
 async def close_quietly(chunks: AsyncIterator[list[bytes]]) -> None:

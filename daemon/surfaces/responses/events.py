@@ -9,10 +9,11 @@ from typing import Any
 
 import orjson
 
+from daemon.errors import UpstreamIncomplete
 from daemon.providers.base import Reply, responses_tokens
 from daemon.providers.sse import event_data
 from daemon.relay import StreamTally
-from daemon.surfaces.common import as_dict, close_quietly, event_object, json_object, new_id
+from daemon.surfaces.common import DONE, as_dict, close_quietly, json_object, new_id
 from daemon.surfaces.responses.reply import (
     call_item,
     output_logprobs,
@@ -217,12 +218,15 @@ async def translate_stream(
     """Chat chunk events in, Responses events out; an error event passes unchanged
     (the official client raises on it) and ends the stream."""
     first = True
+    done = False
     try:
         async for batch in chunks:
             out: list[bytes] = stream.start() if first else []
             first = False
             for event in batch:
-                chunk = event_object(event)
+                data = event_data(event)
+                done = done or data == DONE
+                chunk = json_object(data)
                 if chunk is None:
                     continue
                 if chunk.get("error"):
@@ -232,6 +236,11 @@ async def translate_stream(
                 out.extend(stream.feed(chunk))
             if out:
                 yield out
+        if not done and stream.finish_reason is None:  # cut short: no response.completed
+            raise UpstreamIncomplete(
+                "The upstream ended the stream before the answer was complete "
+                "(no finish_reason, no [DONE])."
+            )
         yield (stream.start() if first else []) + stream.finish()
     finally:
         await close_quietly(chunks)
