@@ -268,6 +268,24 @@ def cpu_per_request(
     return ms(used / max(result.requests, 1)), result.errors
 
 
+def interleaved_cpu(
+    targets: dict[str, tuple[Gateway, bytes]], rounds: int, count: int
+) -> tuple[dict[str, float], dict[str, float], int]:
+    """CPU per request of each named (gateway, request), in interleaved rounds so that a
+    noisy neighbour affects them alike: the median per name, its ratio to the first
+    name's, and the errors seen."""
+    cpu: dict[str, list[float]] = {name: [] for name in targets}
+    errors = 0
+    for _ in range(rounds):
+        for name, (gw, request) in targets.items():
+            used, e = cpu_per_request(gw, request, count)
+            cpu[name].append(used)
+            errors += e
+    medians = {name: statistics.median(values) for name, values in cpu.items()}
+    base = next(iter(medians.values()))
+    return medians, {name: m / base for name, m in medians.items()}, errors
+
+
 def startup_times(procs: Processes, directory: Path, runs: int) -> dict[str, float]:
     """`chatvault serve` on a copy of the shipped config: spawn to /livez and to /readyz."""
     live, ready = [], []
@@ -389,21 +407,15 @@ def measure_routing(
             "127.0.0.1", gw.port, "/v1/chat/completions", body, headers
         )
         run_load(gw.port, requests[name], 8, count=sizes["warmup"])
-    cpu: dict[str, list[float]] = {name: [] for name in gateways}
-    errors = 0
-    for _ in range(sizes["rounds"]):
-        for name, gw in gateways.items():
-            used, e = cpu_per_request(gw, requests[name], sizes["cpu"])
-            cpu[name].append(used)
-            errors += e
+    targets = {name: (gw, requests[name]) for name, gw in gateways.items()}
+    cpu, ratio, errors = interleaved_cpu(targets, sizes["rounds"], sizes["cpu"])
     for gw in gateways.values():
         procs.stop(gw.process)
-    base = statistics.median(cpu["one-deployment"])
     return [
         {
             "variant": name,
-            "cpu_ms_per_request": round(statistics.median(cpu[name]), 3),
-            "cpu_ratio_to_one_deployment": round(statistics.median(cpu[name]) / base, 3),
+            "cpu_ms_per_request": round(cpu[name], 3),
+            "cpu_ratio_to_one_deployment": round(ratio[name], 3),
             "rounds": sizes["rounds"],
             "errors": errors,
         }
@@ -434,19 +446,13 @@ def measure_surfaces(gw: Gateway, sizes: dict[str, Any]) -> list[dict[str, Any]]
         )
         for name, (path, body) in SURFACES.items()
     }
-    cpu: dict[str, list[float]] = {name: [] for name in requests}
-    errors = 0
-    for _ in range(sizes["rounds"]):
-        for name, request in requests.items():
-            used, e = cpu_per_request(gw, request, sizes["cpu"] // 2)
-            cpu[name].append(used)
-            errors += e
-    base = statistics.median(cpu["chat completions"])
+    targets = {name: (gw, request) for name, request in requests.items()}
+    cpu, ratio, errors = interleaved_cpu(targets, sizes["rounds"], sizes["cpu"] // 2)
     return [
         {
             "surface": name,
-            "cpu_ms_per_request": round(statistics.median(cpu[name]), 3),
-            "ratio_to_chat": round(statistics.median(cpu[name]) / base, 3),
+            "cpu_ms_per_request": round(cpu[name], 3),
+            "ratio_to_chat": round(ratio[name], 3),
             "errors": errors,
         }
         for name in requests
