@@ -35,6 +35,7 @@ class Upstream:
     hang: bool = False
     reply_words: tuple[str, ...] = ("Hello", "from", "upstream")
     usage: tuple[int, int] = (11, 3)  # prompt, completion tokens it reports
+    cached_tokens: int | None = None  # reported as prompt_tokens_details.cached_tokens
 
     def posts(self) -> list[Received]:
         """What the gateway sent, without its health probes (GET /v1/models)."""
@@ -51,9 +52,16 @@ class Upstream:
 
 
 def openai_upstream(state: Upstream) -> Starlette:
-    def usage() -> dict[str, int]:
+    def usage() -> dict[str, Any]:
         p, c = state.usage
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        reported: dict[str, Any] = {
+            "prompt_tokens": p,
+            "completion_tokens": c,
+            "total_tokens": p + c,
+        }
+        if state.cached_tokens is not None:
+            reported["prompt_tokens_details"] = {"cached_tokens": state.cached_tokens}
+        return reported
 
     async def chat(request: Request) -> Response:
         body = await state._record(request)
