@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import os
+import secrets
 import signal
 import socket
 import sqlite3
@@ -14,8 +17,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import asyncpg
 import httpx
 import openai
 import uvicorn
@@ -55,6 +59,53 @@ def base_config(port: int = 0, **overrides: Any) -> dict[str, Any]:
     }
     config.update(overrides)
     return config
+
+
+POSTGRES = os.environ.get("CHATVAULT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def postgres_execute(sql: str) -> None:
+    """Run one statement on the test PostgreSQL server.
+
+    The test is skipped only when no server listens there (connection refused): wrong
+    credentials, a missing database or any other error fail it, so that a broken setup
+    cannot pass as a skip.
+    """
+
+    async def run() -> None:
+        conn = await asyncpg.connect(POSTGRES, timeout=3)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED:
+            import pytest
+
+            pytest.skip(f"no PostgreSQL server at {POSTGRES}: {exc}")
+        raise
+
+
+@contextlib.contextmanager
+def postgres_scratch(kind: Literal["schema", "database"]) -> Iterator[str]:
+    """A fresh schema (in the test database) or a fresh database on the machine's
+    PostgreSQL, dropped afterwards; yields its URL."""
+    name = f"cv_test_{secrets.token_hex(4)}"
+    postgres_execute(f"CREATE {kind.upper()} {name}")
+    try:
+        if kind == "schema":
+            yield f"{POSTGRES}?search_path={name}"
+        else:
+            yield POSTGRES.rsplit("/", 1)[0] + "/" + name
+    finally:
+        postgres_execute(
+            f"DROP SCHEMA {name} CASCADE"
+            if kind == "schema"
+            else f"DROP DATABASE {name} WITH (FORCE)"
+        )
 
 
 REDIS_URL = os.environ.get("CHATVAULT_TEST_REDIS", "redis://127.0.0.1:6379/0")
