@@ -272,6 +272,16 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> A
         time.sleep(interval)
 
 
+async def eventually(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> Any:
+    """``wait_for`` inside an event loop: the loop keeps running while it waits."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+    return value
+
+
 def cli(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
