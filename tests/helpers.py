@@ -29,6 +29,24 @@ ADMIN_KEY = "cv-test-admin-key-0123456789"
 REPO = Path(__file__).resolve().parent.parent
 
 
+def expected_cost(pricing: dict[str, float], prompt: int, cached: int, completion: int) -> float:
+    """A request's bill computed from a model's ``pricing`` as written in config.yaml,
+    independently of daemon.pricing: cached tokens (never more than the prompt) at the
+    cached price, or at the input price when there is none."""
+    cached = min(cached, prompt)
+    cached_price = pricing.get("cached_input_per_million", pricing["input_per_million"])
+    return (
+        (prompt - cached) * pricing["input_per_million"]
+        + cached * cached_price
+        + completion * pricing["output_per_million"]
+    ) / 1_000_000
+
+
+def row_cost(pricing: dict[str, float], row: dict[str, Any]) -> float:
+    """``expected_cost`` of one ledger row's token counts."""
+    return expected_cost(pricing, row["input_tokens"], row["cached_tokens"], row["output_tokens"])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

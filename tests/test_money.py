@@ -26,6 +26,7 @@ from tests.helpers import (
     ServerThread,
     base_config,
     client_for,
+    expected_cost,
     ledger_rows,
     running,
     wait_for,
@@ -39,18 +40,6 @@ PRICED = {
     "output_per_million": OUTPUT,
 }
 NO_CACHE_PRICE = {"input_per_million": 3.00, "output_per_million": 15.00}
-
-
-def expected_cost(prices: dict[str, float], prompt: int, cached: int, completion: int) -> float:
-    """The bill, written out independently of daemon.pricing: cached tokens (never more
-    than the prompt) at the cached price, or the input price when there is none."""
-    cached = min(cached, prompt)
-    cached_price = prices.get("cached_input_per_million", prices["input_per_million"])
-    return (
-        (prompt - cached) * prices["input_per_million"]
-        + cached * cached_price
-        + completion * prices["output_per_million"]
-    ) / 1_000_000
 
 
 # -- end to end: a real daemon, a real upstream, the official client ---------------------
