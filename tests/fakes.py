@@ -1,4 +1,5 @@
-"""Small real upstream servers for tests: an OpenAI-compatible one and an Anthropic one.
+"""Small real upstream servers for tests (an OpenAI-compatible one and an Anthropic one),
+and a real ledger store with chosen calls failing.
 
 They speak the real wire formats over real sockets (served by uvicorn in a thread),
 and record what they received so tests can check what the gateway sent.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +18,30 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from daemon.ledger.base import Store
+
+
+class Failing:
+    """A real store whose ``failing`` calls raise ``error()`` while ``down`` is set."""
+
+    def __init__(self, store: Store, failing: frozenset[str], error: Callable[[], Exception]):
+        self.inner = store
+        self.failing = failing
+        self.error = error
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in self.failing:
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise self.error()
+            return await attr(*args, **kwargs)
+
+        return call
 
 
 @dataclass

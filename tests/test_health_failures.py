@@ -15,35 +15,13 @@ from typing import Any
 from chatvault_cli import offline
 from daemon.config import Settings
 from daemon.ledger import open_store
-from daemon.ledger.base import Store
 from tests.conftest import MakeClient
+from tests.fakes import Failing
 from tests.helpers import ADMIN_KEY, base_config, ledger_rows, wait_for
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 CHAT = {"model": "mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 KEY_CALLS = frozenset({"keys_generation", "list_keys", "key_spend", "find_key"})
-
-
-class Failing:
-    """A real store whose ``failing`` calls raise ``error()`` while ``down`` is set."""
-
-    def __init__(self, store: Store, failing: frozenset[str], error: Callable[[], Exception]):
-        self.inner = store
-        self.failing = failing
-        self.error = error
-        self.down = False
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.inner, name)
-        if name not in self.failing:
-            return attr
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            if self.down:
-                raise self.error()
-            return await attr(*args, **kwargs)
-
-        return call
 
 
 def health(client: Any) -> tuple[int, dict[str, Any]]:
