@@ -103,11 +103,66 @@ def test_unknown_keys_are_remembered_for_a_few_seconds(tmp_path: Path) -> None:
         made = create_key(name="soon", now=1.0)
         assert await w.outcome(made.secret) == "401 invalid_api_key"
         await w.store.insert_key(made.record)
-        w.now += 4.9  # still remembered as unknown: the store is not asked again
+        w.now = 1004.5  # still remembered as unknown: the store is not asked again
         assert await w.outcome(made.secret) == "401 invalid_api_key"
-        w.now += 0.2
+        w.now = 1005.0  # exactly five seconds on: forgotten
         assert await w.outcome(made.secret) == made.record.id
         assert w.attempts == ["invalid", "invalid", "success"]
+
+    scenario(tmp_path, body)
+
+
+def test_a_flood_of_unknown_keys_cannot_flood_the_store(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await w.auth.start()
+        for i in range(3000):  # a minute's worth of lookups, all at once
+            assert await w.outcome(f"cv-random-{i}") == "401 invalid_api_key"
+        w.store.down = True  # a lookup now would be a 503: none is made
+        made = create_key(name="new", now=1.0)
+        assert await w.outcome(made.secret) == "401 invalid_api_key"
+        assert set(w.attempts) == {"invalid"}
+        w.store.down = False
+        await w.store.insert_key(made.record)
+        w.now += 0.02  # one lookup's worth (3000 a minute) has come back
+        assert await w.outcome(made.secret) == made.record.id
+
+    scenario(tmp_path, body)
+
+
+class ReloadDuringLookup:
+    """A real store whose ``find_key`` answers only after the authenticator has reloaded
+    the keys meanwhile (``change`` runs first: a revocation, a new key)."""
+
+    def __init__(self, world: World, change: Callable[[], Awaitable[None]]) -> None:
+        self.world, self.change = world, change
+        self.inner = world.store
+
+    async def find_key(self, key_hash: str) -> Any:
+        found = await self.inner.find_key(key_hash)
+        await self.change()
+        await self.world.auth.refresh()
+        return found
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_reload_during_a_lookup_wins_over_the_lookups_answer(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        await w.auth.start()
+        _, revoked = await w.key(name="revoked-meanwhile")
+        w.auth.store = ReloadDuringLookup(w, lambda: w.store.revoke_key("revoked-meanwhile", 2.0))  # type: ignore[assignment]
+        assert await w.outcome(revoked) == "401 invalid_api_key"
+        assert w.attempts[-1] == "revoked"
+        kept_id, kept = await w.key(name="kept")
+
+        async def nothing() -> None:
+            return None
+
+        w.auth.store = ReloadDuringLookup(w, nothing)  # type: ignore[assignment]
+        await w.store.insert_key(create_key(name="bump", now=1.0).record)  # a new generation
+        principal = await w.auth.authenticate(f"Bearer {kept}")
+        assert principal.key_id == kept_id and w.attempts[-1] == "success"
 
     scenario(tmp_path, body)
 

@@ -12,6 +12,7 @@ import re
 
 import pytest
 
+from daemon.auth import Principal
 from daemon.budget import SpendBook, judge, usd, worst_case_cost, worst_case_tokens
 from daemon.config import ModelConfig
 from daemon.keys import (
@@ -143,7 +144,7 @@ def test_new_keys_are_validated_with_the_flag_named(
     with pytest.raises(ValueError, match=re.escape(message)):
         create_key(now=1.0, **args)  # type: ignore[arg-type]
     if "user_type" in kwargs:
-        assert "standard" in str(raised.value) and ", " in str(raised.value)
+        assert str(raised.value).endswith("standard, service, admin")
 
 
 def test_a_created_key_records_everything_it_was_given() -> None:
@@ -168,6 +169,10 @@ def test_a_created_key_records_everything_it_was_given() -> None:
     )
     assert r.key_hash == hash_key(made.secret) and r.prefix == display_prefix(made.secret)
     assert r.active and r.revoked_at is None and r.id.startswith("key_")
+    principal = Principal.from_record(r)
+    assert (principal.key_id, principal.name, principal.user_type) == (r.id, "app", "service")
+    assert principal.limits == KeyLimits(r.id, 1, 2)  # buckets are per key id
+    assert principal.budget_usd == 0.0 and principal.models == frozenset({"m"})
     assert made.secret not in repr(made)
 
 
@@ -265,6 +270,20 @@ def test_tickets_name_the_key_and_its_token_limit_whatever_the_verdict() -> None
     asyncio.run(scenario())
 
 
+def test_token_buckets_start_empty_and_fill_by_exactly_the_tokens_used() -> None:
+    """From a monotonic clock's zero: an untouched bucket holds nothing."""
+
+    async def scenario() -> None:
+        now = [0.0]
+        quota = MemoryQuota(clock=lambda: now[0])
+        assert (await quota.admit(Ask(KeyLimits("k", tpm=1), budget_usd=None))).allowed
+        quota.settle(Ticket("t", 60), cost_usd=0.0, tokens=60)  # a minute's worth
+        now[0] = 1.0  # one token has flowed back: just enough for the next request
+        assert (await quota.admit(Ask(KeyLimits("t", tpm=60), budget_usd=None))).allowed
+
+    asyncio.run(scenario())
+
+
 def test_a_revoked_keys_reservations_go_and_no_one_elses() -> None:
     async def scenario() -> None:
         quota = MemoryQuota()
@@ -285,7 +304,8 @@ def test_reservation_handles_are_distinct_and_settle_only_their_own_amount() -> 
     assert book.reserved("k") == pytest.approx(4.0)
     book.release_key("other")
     assert book.reserved("k") == pytest.approx(4.0)
-    book.settle("k", handles[0], 0.0)
+    book.settle("k", handles[0], 0.0)  # another key's release left this handle alone
+    assert book.reserved("k") == pytest.approx(3.0)
     book.release_key("k")
     book.settle("k", handles[2], 0.5)
     assert book.reserved("k") == 0.0 and book.spent("k") == pytest.approx(0.5)
@@ -299,3 +319,4 @@ def test_budget_arithmetic_at_its_edges() -> None:
     assert worst_case_cost(TokenCounts(input=1), []) == 0.0
     assert usd(1) == "$1.00" and usd(0.999) == "$0.999" and usd(2) == "$2.00"
     assert usd(0.5) == "$0.5" and usd(0.1) == "$0.1" and usd(1e-10) == "$0.0000000001"
+    assert usd(1e-12) == "$0"  # below the digits shown: no dangling point

@@ -65,6 +65,7 @@ def test_a_chat_completion_missing_parts_costs_nothing_it_did_not_report() -> No
     assert bare.tokens == TokenCounts() and bare.finish_reasons == ()
     assert (bare.response_id, bare.response_model) == ("", "")
     assert reply([1, 2]).tokens == TokenCounts() and reply([1, 2]).response_id == ""
+    assert reply([1, 2]).body == b"[1, 2]"  # whatever it was, the client gets it unchanged
     assert reply({"model": None, "id": None}).response_model == ""
 
 
@@ -74,6 +75,8 @@ def test_output_text_only_when_the_first_choice_has_text() -> None:
     assert reply({"choices": [{"message": {}}]}).output_text() is None
     assert reply({"choices": [None]}).output_text() is None
     assert Reply(b"not json", TokenCounts()).output_text() is None
+    parts = [{"type": "text", "text": "Hi"}]
+    assert reply({"choices": [{"message": {"content": parts}}]}).output_text() is None
 
 
 def test_a_responses_object_is_read_with_its_own_usage_names() -> None:
@@ -81,6 +84,7 @@ def test_a_responses_object_is_read_with_its_own_usage_names() -> None:
     assert r.tokens == TokenCounts(input=500, output=40, cached=256, reasoning=16)
     assert (r.response_id, r.response_model) == ("resp_1", "gpt-4.1")
     assert r.finish_reasons == ("completed",)
+    assert r.body == json.dumps(RESPONSE).encode()
 
 
 def test_an_incomplete_response_gives_its_reason() -> None:
@@ -96,6 +100,7 @@ def test_an_incomplete_response_gives_its_reason() -> None:
     bare = reply({"usage": "x"}, responses=True)
     assert bare.tokens == TokenCounts() and (bare.response_id, bare.response_model) == ("", "")
     assert reply([1], responses=True).tokens == TokenCounts()
+    assert reply([1], responses=True).body == b"[1]"
 
 
 def test_responses_usage_tolerates_missing_details() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -104,10 +105,60 @@ def test_a_finished_stream_is_billed_from_its_usage_chunk_and_the_extra_chunk_is
 
 def test_a_client_that_asked_for_usage_gets_the_usage_chunk() -> None:
     tally = StreamTally.for_request({}, True, capture=True)
-    out, _, usage = run([[chunk("Hi")], [chunk(None, "length")], [USAGE_CHUNK], [DONE]], tally)
+    batches = [[chunk("Hi")], [chunk(" there")], [chunk(None, "length")], [USAGE_CHUNK], [DONE]]
+    out, _, usage = run(batches, tally)
     assert USAGE_CHUNK in out
     assert usage.tokens.output == 7 and usage.finish_reasons == ("length",)
-    assert usage.output_text == "Hi"
+    assert usage.output_text == "Hi there" and tally.content_chunks == 2  # all parsed
+
+
+def test_timings_first_token_and_upstream_duration() -> None:
+    """Time to first token is taken at the first forwarded batch, not a later one; the
+    upstream duration counts from the upstream call's start."""
+    marks: dict[str, float] = {}
+
+    async def timed() -> AsyncIterator[list[bytes]]:
+        marks["first"] = time.perf_counter()
+        yield [chunk("a")]
+        await asyncio.sleep(0.05)
+        marks["second"] = time.perf_counter()
+        yield [chunk("b")]
+
+    usage = new_usage()
+    usage.upstream_latency_s = None
+    usage.perf_start = time.perf_counter()
+
+    async def go() -> None:
+        async for _ in relay(
+            timed(), StreamTally.for_request({}, False, False), usage, lambda u: None
+        ):
+            pass
+
+    asyncio.run(go())
+    assert usage.ttft_s is not None and usage.upstream_latency_s is not None
+    assert marks["first"] - usage.perf_start <= usage.ttft_s < marks["second"] - usage.perf_start
+    assert 0.05 <= usage.upstream_latency_s < 1.0
+
+
+def test_a_client_hanging_up_closes_the_upstream_stream_at_once() -> None:
+    closed: list[bool] = []
+
+    async def upstream() -> AsyncIterator[list[bytes]]:
+        try:
+            for word in ("a", "b", "c"):
+                yield [chunk(word)]
+        finally:
+            closed.append(True)  # the connection goes back to the pool
+
+    async def go() -> None:
+        stream = relay(
+            upstream(), StreamTally.for_request({}, False, False), new_usage(), lambda u: None
+        )
+        await stream.__anext__()
+        await stream.aclose()
+        assert closed == [True]  # before anything else runs, not at garbage collection
+
+    asyncio.run(go())
 
 
 def test_a_stream_cut_before_its_usage_is_estimated_and_marked() -> None:
@@ -137,11 +188,17 @@ def test_a_stream_with_no_content_before_it_broke_estimates_nothing() -> None:
     assert error["code"] == "upstream_timeout" and len(finished) == 1
 
 
-def test_an_unexpected_failure_mid_stream_is_a_500_event() -> None:
+def test_an_unexpected_failure_mid_stream_is_a_500_event_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     tally = StreamTally.for_request({}, False, capture=False)
     out, finished, usage = run([[chunk("a")]], tally, fail=RuntimeError("bug at /secret/path"))
     assert usage.status_code == 500 and len(finished) == 1
     assert b"/secret/path" not in out[-1] and b'"error"' in out[-1]
+    assert [r.message for r in caplog.records] == ["stream relay failed (request_id=r1)"]
+    caplog.clear()
+    run([[chunk("a")]], StreamTally.for_request({}, False, False), fail=UpstreamTimeout("x"))
+    assert not caplog.records  # an upstream's failure is not the gateway's bug
 
 
 def test_an_error_event_from_the_upstream_makes_the_request_failed() -> None:
@@ -169,12 +226,11 @@ def test_observe_counts_content_after_the_first_chunk_without_parsing_it() -> No
     for odd in (b": keep-alive\n\n", DONE, b"data: not json\n\n", b"data: [1]\n\n"):
         assert observe(odd, fresh) == odd and observe(odd, tally) == odd
     assert fresh == StreamTally.for_request({}, False, capture=False)
-    # Later ids and models do not overwrite the first.
-    observe(
-        event({"id": "other", "model": "other", "choices": [{"delta": {"content": "x"}}]}), tally
-    )
+    # Later ids and models do not overwrite the first (a parsed chunk: it has a reason).
+    observe(event({"id": "other", "model": "other", "choices": [{"finish_reason": "x"}]}), tally)
     assert (tally.response_id, tally.response_model) == ("chatcmpl-9", "up-model-2024")
-    assert tally.content_chunks == 7  # the fast path counts any plain data line
+    assert tally.content_chunks == 6  # the fast path counts any plain data line
+    assert tally.text == []  # nothing kept without capture
 
 
 def test_a_usage_chunk_with_choices_is_forwarded_and_counted() -> None:

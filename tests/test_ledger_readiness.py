@@ -1,0 +1,139 @@
+"""What the ledger writer tells /readyz and /health while the database fails, and how it
+counts the rows it journals or drops: a real SQLite store whose writes fail, a real
+journal on disk, and the clock passed in."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from daemon.ledger.sqlite import SQLiteStore
+from daemon.ledger.writer import LedgerWriter
+from tests.fakes import Failing
+from tests.test_ledger import usage
+
+DISK_FULL = "OperationalError: database or disk is full"
+
+
+def scenario(
+    tmp_path: Path, body: Callable[[LedgerWriter, Failing], Awaitable[None]], **kwargs: object
+) -> None:
+    async def run() -> None:
+        store = Failing(
+            SQLiteStore(tmp_path / "ledger.db"),
+            frozenset({"write_requests"}),
+            lambda: sqlite3.OperationalError("database or disk is full"),
+        )
+        await store.open()
+        writer = LedgerWriter(store, **kwargs)  # type: ignore[arg-type]
+        if writer.journal_dir is not None:
+            await writer.start()  # opens the journal
+        try:
+            await body(writer, store)
+        finally:
+            await writer.close(timeout_s=0.5)
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_ready_while_writes_succeed(tmp_path: Path) -> None:
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        assert writer.readiness() == (True, "ledger writes succeed")
+        writer.submit(usage())
+        assert await writer.flush()
+        assert writer.readiness(now=10**10) == (True, "ledger writes succeed")
+
+    scenario(tmp_path, body, journal=False)
+
+
+def test_without_a_journal_a_failing_database_makes_the_replica_unready(tmp_path: Path) -> None:
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        store.down = True
+        writer.submit(usage())
+        assert not await writer.flush()
+        assert writer.failing and not writer.absorbing
+        assert writer.readiness() == (
+            False,
+            f"ledger writes fail ({DISK_FULL}) and rows cannot be journaled: no journal configured",
+        )
+
+    scenario(tmp_path, body, journal=False)
+
+
+def test_with_a_journal_the_replica_stays_ready_for_the_grace_period(tmp_path: Path) -> None:
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        store.down = True
+        for _ in range(3):
+            writer.submit(usage())
+        assert not await writer.flush()
+        assert writer.absorbing and writer.journal_depth == 3 and writer.rows_journaled == 3
+        assert writer.outage_since is not None
+        start = writer.outage_since
+        ready, why = writer.readiness(now=start + 12)
+        assert ready and why == (
+            "ledger database failing for 12s; the journal absorbs the rows (3 so far)"
+        )
+        assert writer.readiness(now=start + 30)[0]  # the grace period is inclusive
+        ready, why = writer.readiness(now=start + 31)
+        assert not ready and why == (
+            f"ledger database failing for 31s ({DISK_FULL}); "
+            "3 rows journaled, replayed when it returns"
+        )
+        # More rows spill after another failed write: the count adds up.
+        writer.submit(usage())
+        assert not await writer.flush()
+        assert writer.rows_journaled == 4 and writer.outage_since == start
+        store.down = False
+        assert await writer.flush()
+        assert writer.readiness() == (True, "ledger writes succeed")
+        assert writer.journal_depth == 0 and writer.outage_since is None
+
+    scenario(tmp_path, body, journal_dir=tmp_path / "journal", ready_during_outage_s=30.0)
+
+
+def test_a_nearly_full_journal_makes_the_replica_unready(tmp_path: Path) -> None:
+    row_bytes = 600  # about one journal line
+
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        store.down = True
+        writer.submit(usage())
+        assert not await writer.flush()
+        assert writer.journal_depth == 1
+        writer.journal_max_bytes = int(writer.journal_bytes / 0.95)
+        ready, why = writer.readiness()
+        assert not ready and why == f"ledger database failing ({DISK_FULL}); journal 95% full"
+        writer.journal_max_bytes = writer.journal_bytes * 2
+        assert writer.readiness()[0]
+
+    scenario(tmp_path, body, journal_dir=tmp_path / "journal", journal_max_bytes=10 * row_bytes)
+
+
+def test_rows_that_do_not_fit_the_journal_are_counted_as_dropped(tmp_path: Path) -> None:
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        store.down = True
+        for _ in range(10):
+            writer.submit(usage())
+        assert not await writer.flush()
+        kept = writer.journal_depth
+        assert 0 < kept < 10
+        assert writer.rows_journaled == kept
+        assert (writer.billed_dropped, writer.rows_dropped) == (10 - kept, 10 - kept)
+
+    scenario(tmp_path, body, journal_dir=tmp_path / "journal", journal_max_bytes=1000)
+
+
+def test_without_a_journal_the_memory_queue_drops_the_oldest_billed_rows(tmp_path: Path) -> None:
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        rows = [usage() for _ in range(5)]
+        for u in rows:
+            writer.submit(u)
+        assert writer.depth == 3
+        assert (writer.rows_dropped, writer.billed_dropped) == (2, 2)
+        assert await writer.flush()
+        stored = await store.usage(0.0, "key")
+        assert sum(g.requests for g in stored) == 3
+
+    scenario(tmp_path, body, journal=False, max_queue=3)
