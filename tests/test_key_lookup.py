@@ -215,6 +215,9 @@ def test_the_refresh_loop_reports_the_store_and_recovers(tmp_path: Path) -> None
         # Between generations the loop still brings other replicas' committed spend.
         key_id, _ = await w.key(name="spender")
         await eventually(lambda: any(key_id in s for s in w.spend))
+        await w.auth.aclose()  # the refresh stops with it
+        names = {t.get_name() for t in asyncio.all_tasks()}
+        assert "chatvault-key-refresh" not in names
 
     scenario(tmp_path, body, refresh_interval_s=0.01)
 

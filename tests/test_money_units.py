@@ -32,7 +32,7 @@ from daemon.limits import (
     format_duration,
     take,
 )
-from daemon.pricing import Price, price_for
+from daemon.pricing import Price, needs_cost_map, price_for
 from daemon.quota import Ask, MemoryQuota, Ticket
 from daemon.usage import TokenCounts
 
@@ -205,6 +205,16 @@ def test_cost_map_prices_tolerate_missing_and_malformed_values() -> None:
     odd = price_for(hosted("m"), {"m": {"cache_read_input_token_cost": "0.1"}})
     assert odd.cached_input is None
     assert price_for(hosted("m"), {"m": "not an entry"}).source == "unknown"
+    input_only = price_for(hosted("m"), {"m": {"input_cost_per_token": 1e-6}})
+    assert (input_only.input, input_only.output, input_only.cached_input) == (1e-6, 0.0, None)
+
+
+def test_only_hosted_models_without_a_configured_price_need_the_cost_map() -> None:
+    priced = {"input_per_million": 1.0, "output_per_million": 1.0}
+    assert needs_cost_map(hosted("m"))
+    assert not needs_cost_map(hosted("m").model_copy(update={"pricing": priced}))
+    assert not needs_cost_map(ModelConfig(name="mock", provider="mock"))
+    assert not needs_cost_map(hosted("llama3", provider="ollama"))
 
 
 def test_configured_prices_are_per_million() -> None:
@@ -282,6 +292,11 @@ def test_token_buckets_start_empty_and_fill_by_exactly_the_tokens_used() -> None
         assert (await quota.admit(Ask(KeyLimits("t", tpm=60), budget_usd=None))).allowed
 
     asyncio.run(scenario())
+
+
+def test_the_memory_store_names_itself_for_health() -> None:
+    status = MemoryQuota().status
+    assert (status.backend, status.reachable, status.fail_open_admissions) == ("memory", True, 0)
 
 
 def test_a_revoked_keys_reservations_go_and_no_one_elses() -> None:
