@@ -12,6 +12,7 @@ from pathlib import Path
 from daemon.ledger.sqlite import SQLiteStore
 from daemon.ledger.writer import LedgerWriter
 from tests.fakes import Failing
+from tests.helpers import eventually
 from tests.test_ledger import usage
 
 DISK_FULL = "OperationalError: database or disk is full"
@@ -121,6 +122,10 @@ def test_rows_that_do_not_fit_the_journal_are_counted_as_dropped(tmp_path: Path)
         assert 0 < kept < 10
         assert writer.rows_journaled == kept
         assert (writer.billed_dropped, writer.rows_dropped) == (10 - kept, 10 - kept)
+        writer.submit(usage())  # the journal is full now: this one is lost too, and counted
+        assert not await writer.flush()
+        assert writer.journal_depth == kept
+        assert (writer.billed_dropped, writer.rows_dropped) == (11 - kept, 11 - kept)
 
     scenario(tmp_path, body, journal_dir=tmp_path / "journal", journal_max_bytes=1000)
 
@@ -137,3 +142,42 @@ def test_without_a_journal_the_memory_queue_drops_the_oldest_billed_rows(tmp_pat
         assert sum(g.requests for g in stored) == 3
 
     scenario(tmp_path, body, journal=False, max_queue=3)
+
+
+def test_rows_waiting_in_memory_too_long_are_journaled(tmp_path: Path) -> None:
+    """Even with the database healthy: a row waits at most ``spill_after_s`` in memory,
+    which bounds what a SIGKILL can lose."""
+
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        for _ in range(3):
+            writer.submit(usage())
+        await eventually(lambda: writer.journal_depth == 3, timeout=5)
+        assert writer.rows_journaled == 3 and writer.rows_written == 0
+        assert await writer.flush()  # replayed from the journal
+        assert writer.rows_written == 3 and writer.journal_depth == 0
+
+    scenario(
+        tmp_path,
+        body,
+        journal_dir=tmp_path / "journal",
+        flush_interval_s=3600.0,
+        spill_after_s=0.1,
+    )
+
+
+def test_an_unusable_journal_directory_is_reported_and_rows_wait_in_memory(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "journal").write_text("a file where the directory should be")
+
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        assert not writer.journal_enabled
+        assert writer.journal_error is not None and "journal" in writer.journal_error
+        store.down = True
+        writer.submit(usage())
+        assert not await writer.flush()
+        ready, why = writer.readiness()
+        assert not ready and why.endswith(f"rows cannot be journaled: {writer.journal_error}")
+        assert writer.depth == 1  # kept in memory for the next attempt
+
+    scenario(tmp_path, body, journal_dir=tmp_path / "journal")
