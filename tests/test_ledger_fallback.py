@@ -6,6 +6,7 @@ the database also fails for a moment in the middle of it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -29,15 +30,17 @@ class Reports:
 
     def __init__(self) -> None:
         self.written: Counter[str] = Counter()
-        self.failed_batches = 0
+        self.failed: list[tuple[int, str]] = []  # rows in the batch, the error's type
 
     def batch_written(
         self, rows: Sequence[Usage], seconds: float, totals: dict[str, float]
     ) -> None:
+        assert 0 <= seconds < 10  # a duration, for the metrics
         self.written.update(u.row_id for u in rows)
 
     def batch_failed(self, rows: Sequence[Usage], seconds: float, error: BaseException) -> None:
-        self.failed_batches += 1
+        assert 0 <= seconds < 10
+        self.failed.append((len(rows), type(error).__name__))
 
 
 class FailsOnceAlone:
@@ -83,12 +86,25 @@ def scenario(url: str, flaky: bool) -> None:
         await store.open()
         key = create_key(name="app", now=1.0).record
         await store.insert_key(key)
-        rows = [usage(key.id, cost=0.01 * (i + 1)) for i in range(6)]
-        rows[2].model = UNSTORABLE
-        good = [u for i, u in enumerate(rows) if i != 2]
+        rows = [usage(key.id, cost=0.01 * (i + 1)) for i in range(7)]
+        rows[2].model = rows[5].model = UNSTORABLE
+        bad = [rows[2], rows[5]]
+        good = [u for u in rows if u not in bad]
         target: Store = FailsOnceAlone(store, rows[4].row_id) if flaky else store  # type: ignore[assignment]
         book, reports = SpendBook(), Reports()
-        writer = LedgerWriter(target, batch_size=50, observers=[book, reports], journal=False)
+        sizes: list[int] = []  # what the instrument (a span per write) was told
+
+        def instrument(n: int) -> contextlib.AbstractContextManager[None]:
+            sizes.append(n)
+            return contextlib.nullcontext()
+
+        writer = LedgerWriter(
+            target,
+            batch_size=50,
+            observers=[book, reports],
+            journal=False,
+            instrument=instrument,
+        )
         for u in rows:
             writer.submit(u)
             pend(book, key.id, u.cost_usd)
@@ -98,13 +114,17 @@ def scenario(url: str, flaky: bool) -> None:
         assert await stored_row_ids(store, url) == Counter(u.row_id for u in good)
         assert reports.written == Counter(u.row_id for u in good)  # each reported once
         assert writer.rows_written == len(good)
-        assert (writer.billed_dropped, writer.rows_dropped) == (1, 1)
+        assert (writer.billed_dropped, writer.rows_dropped) == (2, 2)
         assert writer.depth == 0
+        # The whole batch was tried first, then each row on its own.
+        assert sizes[0] == len(rows) and set(sizes[1:]) == ({1, len(rows)} if flaky else {1})
+        assert reports.failed[0][0] == len(rows)
+        assert ("ConnectionResetError" in {e for _, e in reports.failed}) is flaky
         expected = sum(u.cost_usd for u in good)
         assert await store.key_spend() == {key.id: pytest.approx(expected)}
         # The refused row's cost was really spent upstream: this process's budget book
         # keeps counting it (never less than the ledger), the ledger cannot.
-        assert book.spent(key.id) == pytest.approx(expected + rows[2].cost_usd)
+        assert book.spent(key.id) == pytest.approx(expected + sum(u.cost_usd for u in bad))
         await store.close()
 
     asyncio.run(run())

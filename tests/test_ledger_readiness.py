@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from daemon.ledger.sqlite import SQLiteStore
 from daemon.ledger.writer import LedgerWriter
+from daemon.usage import Usage
 from tests.fakes import Failing
 from tests.helpers import eventually
 from tests.test_ledger import usage
@@ -181,3 +182,54 @@ def test_an_unusable_journal_directory_is_reported_and_rows_wait_in_memory(
         assert writer.depth == 1  # kept in memory for the next attempt
 
     scenario(tmp_path, body, journal_dir=tmp_path / "journal")
+
+
+def refused_row() -> Usage:
+    row = usage(cost=0.0, error="rate_limited")
+    row.status_code = 429
+    return row
+
+
+class ArrivalsDuringWrite:
+    """A real store whose write fails while more refused requests arrive meanwhile."""
+
+    def __init__(self, store: Failing, writer: LedgerWriter, arrivals: int) -> None:
+        self.inner, self.writer, self.arrivals = store, writer, arrivals
+
+    async def write_requests(self, rows: Sequence[Usage]) -> dict[str, float]:
+        for _ in range(self.arrivals):
+            self.writer.submit(refused_row())
+        self.arrivals = 0
+        return await self.inner.write_requests(rows)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_refused_rows_kept_for_a_retry_stay_within_their_bound(tmp_path: Path) -> None:
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        for _ in range(5):
+            writer.submit(refused_row())
+        writer.store = ArrivalsDuringWrite(store, writer, arrivals=3)  # type: ignore[assignment]
+        store.down = True
+        assert not await writer.flush()
+        # 3 arrived while 5 were being written: 2 of the 5 fit back, 3 are dropped.
+        assert writer.rejected_depth == 5 and writer.rejected_dropped == 3
+        assert writer.billed_dropped == 0
+        store.down = False
+        assert await writer.flush()
+        assert writer.rejected_depth == 0 and writer.rows_written == 5
+
+    scenario(tmp_path, body, journal=False, rejected_max_queue=5)
+
+
+def test_close_writes_the_refused_rows_left(tmp_path: Path) -> None:
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        for _ in range(4):
+            writer.submit(refused_row())
+        await writer.close(timeout_s=5)
+        assert writer.rows_written == 4 and writer.depth == 0
+        stored = await store.usage(0.0, "key")
+        assert sum(g.requests for g in stored) == 4
+
+    scenario(tmp_path, body, journal=False)
