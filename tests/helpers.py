@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -127,6 +128,19 @@ def postgres_scratch(kind: Literal["schema", "database"]) -> Iterator[str]:
 
 
 REDIS_URL = os.environ.get("CHATVAULT_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def nothing_listens(url: str, default_port: int) -> bool:
+    """No server at the URL's host and port (connection refused): the one reason a test
+    of a real service may skip. Anything else (wrong password, a timeout) must fail it."""
+    parts = urlsplit(url)
+    try:
+        socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), 3
+        ).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def shared_limits(**extra: Any) -> dict[str, Any]:
