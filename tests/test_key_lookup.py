@@ -20,6 +20,11 @@ from tests.fakes import Failing
 from tests.helpers import eventually
 
 ADMIN_SECRET = "cv-admin-secret-for-tests"
+# What a client reads: the key is never echoed, the fix is said.
+MESSAGES = {
+    "missing_api_key": "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+    "invalid_api_key": "Incorrect API key provided.",
+}
 KEY_CALLS = frozenset({"keys_generation", "list_keys", "key_spend", "find_key"})
 
 
@@ -54,8 +59,10 @@ class World:
         try:
             principal = await self.auth.authenticate(header)
         except AuthenticationFailed as exc:
+            assert exc.message == MESSAGES[exc.code]
             return f"401 {exc.code}"
         except ServiceUnavailable as exc:
+            assert exc.message == "The key store cannot be reached; try again shortly."
             return f"503 {exc.headers}"
         return principal.key_id
 
@@ -226,6 +233,7 @@ def test_bearer_tokens_and_alternative_credentials() -> None:
     assert bearer_token("Bearer abc") == "abc"
     assert bearer_token("bearer\tabc ") == "abc"
     assert bearer_token("BEARER   abc") == "abc"
+    assert bearer_token("Bearer two words") == "two words"  # the rest, whatever it is
     for bad in (None, "", "Basic abc", "Bearer", "Bearer   ", "abc"):
         assert bearer_token(bad) is None
     assert credentials("Bearer a", "b") == "Bearer a"
