@@ -215,8 +215,14 @@ def test_refused_rows_kept_for_a_retry_stay_within_their_bound(tmp_path: Path) -
         assert not await writer.flush()
         # 3 arrived while 5 were being written: 2 of the 5 fit back, 3 are dropped.
         assert writer.rejected_depth == 5 and writer.rejected_dropped == 3
-        assert writer.billed_dropped == 0
+        assert writer.billed_dropped == 0 and writer.rows_dropped == 3
+        # Another round: the drops add up.
+        writer.store = ArrivalsDuringWrite(store, writer, arrivals=1)  # type: ignore[assignment]
+        assert not await writer.flush()
+        assert writer.rejected_depth == 5 and writer.rejected_dropped == 4
+        assert writer.rows_dropped == 4
         store.down = False
+        writer.store = store  # type: ignore[assignment]
         assert await writer.flush()
         assert writer.rejected_depth == 0 and writer.rows_written == 5
 
@@ -231,5 +237,16 @@ def test_close_writes_the_refused_rows_left(tmp_path: Path) -> None:
         assert writer.rows_written == 4 and writer.depth == 0
         stored = await store.usage(0.0, "key")
         assert sum(g.requests for g in stored) == 4
+
+    scenario(tmp_path, body, journal=False)
+
+
+def test_rows_after_close_are_counted_as_dropped(tmp_path: Path) -> None:
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        await writer.close(timeout_s=1)
+        writer.submit(usage())
+        writer.submit(refused_row())
+        writer.submit(usage())
+        assert (writer.rows_dropped, writer.billed_dropped) == (3, 2)
 
     scenario(tmp_path, body, journal=False)
