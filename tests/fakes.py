@@ -1,4 +1,5 @@
-"""Small real upstream servers for tests: an OpenAI-compatible one and an Anthropic one.
+"""Small real upstream servers for tests (an OpenAI-compatible one and an Anthropic one),
+and a real ledger store with chosen calls failing.
 
 They speak the real wire formats over real sockets (served by uvicorn in a thread),
 and record what they received so tests can check what the gateway sent.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +18,30 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from daemon.ledger.base import Store
+
+
+class Failing:
+    """A real store whose ``failing`` calls raise ``error()`` while ``down`` is set."""
+
+    def __init__(self, store: Store, failing: frozenset[str], error: Callable[[], Exception]):
+        self.inner = store
+        self.failing = failing
+        self.error = error
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in self.failing:
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise self.error()
+            return await attr(*args, **kwargs)
+
+        return call
 
 
 @dataclass
@@ -35,6 +61,7 @@ class Upstream:
     hang: bool = False
     reply_words: tuple[str, ...] = ("Hello", "from", "upstream")
     usage: tuple[int, int] = (11, 3)  # prompt, completion tokens it reports
+    cached_tokens: int | None = None  # reported as prompt_tokens_details.cached_tokens
 
     def posts(self) -> list[Received]:
         """What the gateway sent, without its health probes (GET /v1/models)."""
@@ -51,9 +78,16 @@ class Upstream:
 
 
 def openai_upstream(state: Upstream) -> Starlette:
-    def usage() -> dict[str, int]:
+    def usage() -> dict[str, Any]:
         p, c = state.usage
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        reported: dict[str, Any] = {
+            "prompt_tokens": p,
+            "completion_tokens": c,
+            "total_tokens": p + c,
+        }
+        if state.cached_tokens is not None:
+            reported["prompt_tokens_details"] = {"cached_tokens": state.cached_tokens}
+        return reported
 
     async def chat(request: Request) -> Response:
         body = await state._record(request)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import os
+import secrets
 import signal
 import socket
 import sqlite3
@@ -14,8 +17,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
+import asyncpg
 import httpx
 import openai
 import uvicorn
@@ -23,6 +28,24 @@ import yaml
 
 ADMIN_KEY = "cv-test-admin-key-0123456789"
 REPO = Path(__file__).resolve().parent.parent
+
+
+def expected_cost(pricing: dict[str, float], prompt: int, cached: int, completion: int) -> float:
+    """A request's bill computed from a model's ``pricing`` as written in config.yaml,
+    independently of daemon.pricing: cached tokens (never more than the prompt) at the
+    cached price, or at the input price when there is none."""
+    cached = min(cached, prompt)
+    cached_price = pricing.get("cached_input_per_million", pricing["input_per_million"])
+    return (
+        (prompt - cached) * pricing["input_per_million"]
+        + cached * cached_price
+        + completion * pricing["output_per_million"]
+    ) / 1_000_000
+
+
+def row_cost(pricing: dict[str, float], row: dict[str, Any]) -> float:
+    """``expected_cost`` of one ledger row's token counts."""
+    return expected_cost(pricing, row["input_tokens"], row["cached_tokens"], row["output_tokens"])
 
 
 def free_port() -> int:
@@ -57,7 +80,67 @@ def base_config(port: int = 0, **overrides: Any) -> dict[str, Any]:
     return config
 
 
+POSTGRES = os.environ.get("CHATVAULT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def postgres_execute(sql: str) -> None:
+    """Run one statement on the test PostgreSQL server.
+
+    The test is skipped only when no server listens there (connection refused): wrong
+    credentials, a missing database or any other error fail it, so that a broken setup
+    cannot pass as a skip.
+    """
+
+    async def run() -> None:
+        conn = await asyncpg.connect(POSTGRES, timeout=3)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED:
+            import pytest
+
+            pytest.skip(f"no PostgreSQL server at {POSTGRES}: {exc}")
+        raise
+
+
+@contextlib.contextmanager
+def postgres_scratch(kind: Literal["schema", "database"]) -> Iterator[str]:
+    """A fresh schema (in the test database) or a fresh database on the machine's
+    PostgreSQL, dropped afterwards; yields its URL."""
+    name = f"cv_test_{secrets.token_hex(4)}"
+    postgres_execute(f"CREATE {kind.upper()} {name}")
+    try:
+        if kind == "schema":
+            yield f"{POSTGRES}?search_path={name}"
+        else:
+            yield POSTGRES.rsplit("/", 1)[0] + "/" + name
+    finally:
+        postgres_execute(
+            f"DROP SCHEMA {name} CASCADE"
+            if kind == "schema"
+            else f"DROP DATABASE {name} WITH (FORCE)"
+        )
+
+
 REDIS_URL = os.environ.get("CHATVAULT_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def nothing_listens(url: str, default_port: int) -> bool:
+    """No server at the URL's host and port (connection refused): the one reason a test
+    of a real service may skip. Anything else (wrong password, a timeout) must fail it."""
+    parts = urlsplit(url)
+    try:
+        socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), 3
+        ).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def shared_limits(**extra: Any) -> dict[str, Any]:
@@ -219,6 +302,16 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> A
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+async def eventually(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> Any:
+    """``wait_for`` inside an event loop: the loop keeps running while it waits."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+    return value
 
 
 def cli(

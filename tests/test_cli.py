@@ -29,6 +29,7 @@ from tests.helpers import (
     client_for,
     free_port,
     ledger_rows,
+    row_cost,
     running,
     wait_for,
     write_config,
@@ -226,6 +227,7 @@ def test_metrics_top_once_json_totals_equal_the_ledger(tmp_path: Path) -> None:
             },
         ]
     )
+    prices = {m["name"]: m["pricing"] for m in config["models"]}
     with running(tmp_path, config) as daemon:
         client = client_for(daemon.url)
         for i in range(6):
@@ -252,7 +254,9 @@ def test_metrics_top_once_json_totals_equal_the_ledger(tmp_path: Path) -> None:
             ledger[row["model"]]["requests"] += 1
             ledger[row["model"]]["errors"] += row["error_type"] is not None
             ledger[row["model"]]["tokens"] += row["input_tokens"] + row["output_tokens"]
-            ledger[row["model"]]["cost"] += row["cost_usd"]
+            # At the configured prices, not the figure the gateway billed.
+            ledger[row["model"]]["cost"] += row_cost(prices[row["model"]], row)
+        assert all(expected["cost"] > 0 for expected in ledger.values())
         by_model = {r["model"]: r for r in payload["rows"]}
         assert set(by_model) == set(ledger)
         for model, expected in ledger.items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import secrets
 import sqlite3
 import time
@@ -23,9 +22,14 @@ from daemon.ledger.base import DuplicateKeyName, Store, day_start
 from daemon.ledger.sqlite import SQLiteStore
 from daemon.ledger.writer import LedgerWriter
 from daemon.usage import TokenCounts, Usage
-from tests.helpers import ADMIN_KEY, base_config, cli, wait_for, write_config
-
-POSTGRES = os.environ.get("CHATVAULT_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+from tests.helpers import (
+    ADMIN_KEY,
+    base_config,
+    cli,
+    postgres_scratch,
+    wait_for,
+    write_config,
+)
 
 
 def usage(
@@ -61,25 +65,8 @@ def pend(book: SpendBook, key_id: str, cost: float) -> None:
         getattr(book, "add")(key_id, cost)  # noqa: B009
 
 
-@contextlib.contextmanager
-def postgres_schema() -> Iterator[str]:
-    schema = "cv_test_" + secrets.token_hex(4)
-
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(POSTGRES, timeout=3)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    try:
-        asyncio.run(run(f"CREATE SCHEMA {schema}"))
-    except OSError as exc:  # absent server only: wrong credentials must fail the test
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES}: {exc}")
-    try:
-        yield f"{POSTGRES}?search_path={schema}"
-    finally:
-        asyncio.run(run(f"DROP SCHEMA {schema} CASCADE"))
+def postgres_schema() -> contextlib.AbstractContextManager[str]:
+    return postgres_scratch("schema")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

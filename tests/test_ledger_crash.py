@@ -60,11 +60,23 @@ def test_kill_9_under_load_loses_no_row_older_than_a_second(tmp_path: Path) -> N
     for t in threads:
         t.start()
     blocker: sqlite3.Connection | None = None
+    journal = Path(f"{daemon.ledger_path}.journal")
     try:
-        time.sleep(2.0)  # rows flowing straight to the database
+        # Rows flowing straight to the database first.
+        wait_for(lambda: len(ledger_rows(daemon.ledger_path)) >= 200, timeout=30)
         blocker = sqlite3.connect(daemon.ledger_path, isolation_level=None, timeout=10)
         blocker.execute("BEGIN EXCLUSIVE")  # now the database stalls
-        time.sleep(2.5)
+        stalled_at = time.monotonic()
+
+        def worst_moment() -> bool:
+            # Rows are waiting in the journal, and responses answered during the stall
+            # are over a second old: their rows can only be in the journal.
+            older = time.monotonic() - 1.2
+            return any(p.stat().st_size for p in journal.glob("*.jsonl")) and any(
+                stalled_at < at < older for at, _ in list(seen)
+            )
+
+        wait_for(worst_moment, timeout=20)
         killed_at = time.monotonic()
         daemon.signal(signal.SIGKILL)
         daemon.wait(10)
@@ -75,7 +87,6 @@ def test_kill_9_under_load_loses_no_row_older_than_a_second(tmp_path: Path) -> N
         if blocker is not None:
             blocker.execute("ROLLBACK")
             blocker.close()
-    journal = Path(f"{daemon.ledger_path}.journal")
     assert list(journal.glob("*.jsonl")), "the stalled rows should be waiting in the journal"
 
     daemon.start()  # a new process adopts the dead one's journal and replays it

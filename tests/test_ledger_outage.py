@@ -142,7 +142,7 @@ def test_postgres_down_for_30s_under_load_loses_nothing(
         t.start()
     rss: list[float] = []
     try:
-        time.sleep(3)
+        wait_for(lambda: len(seen) >= 200, timeout=30)  # steady traffic before the outage
         rss.append(_rss_mb(pid))
         private_postgres.stop()
         down_since = time.monotonic()
@@ -151,7 +151,7 @@ def test_postgres_down_for_30s_under_load_loses_nothing(
             rss.append(_rss_mb(pid))
         during = len(seen)
         private_postgres.start()
-        time.sleep(3)
+        wait_for(lambda: len(seen) >= during + 200, timeout=30)  # and traffic after it
     finally:
         stop.set()
         for t in threads:

@@ -23,6 +23,7 @@ from daemon.ledger.postgres import PostgresStore
 from daemon.ledger.sqlite import SQLiteStore, _transaction
 from daemon.ledger.writer import LedgerWriter
 from daemon.usage import Usage
+from tests.helpers import eventually
 from tests.test_ledger import pend, store_url, usage  # noqa: F401 (fixture)
 
 
@@ -174,7 +175,7 @@ def test_refused_requests_cannot_push_out_billed_rows(tmp_path: Path) -> None:
             writer.submit(refused)
             if i % 25 == 0:
                 writer.submit(billed[i // 25])
-        await asyncio.sleep(0.2)
+        await eventually(lambda: writer.write_failures >= 1)  # the writer met the lock
         assert writer.rejected_depth == 20 and writer.rejected_dropped == 5000 - 20
         assert writer.billed_dropped == 0 and writer.depth <= 50 + 20 + 100
         blocker.execute("ROLLBACK")

@@ -26,6 +26,7 @@ from tests.helpers import (
     client_for,
     free_port,
     ledger_rows,
+    row_cost,
     running,
     shared_limits,
     wait_for,
@@ -123,11 +124,16 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def test_tokens_and_cost_per_model_equal_the_ledger(traffic: Any) -> None:
     _, rows, text = traffic
+    prices = {m["name"]: m["pricing"] for m in two_models()["models"]}
     ledger: dict[tuple[str, str], float] = defaultdict(float)
     for row in rows:
         ledger[(row["model"], "input")] += row["input_tokens"]
         ledger[(row["model"], "output")] += row["output_tokens"]
-        ledger[(row["model"], "cost")] += row["cost_usd"]
+        if row["model"] in prices:
+            # What each request must cost at the configured prices, not what it was billed.
+            cost = row_cost(prices[row["model"]], row)
+            assert row["cost_usd"] == pytest.approx(cost, rel=1e-9)
+            ledger[(row["model"], "cost")] += cost
     for model in ("mock", "pricey"):
         assert (
             total(text, "chatvault_tokens_processed_total", model=model, token_type="input")
@@ -140,7 +146,7 @@ def test_tokens_and_cost_per_model_equal_the_ledger(traffic: Any) -> None:
         assert total(text, "chatvault_requests_cost_total", model=model) == pytest.approx(
             ledger[(model, "cost")], rel=1e-9
         )
-    assert ledger[("pricey", "output")] > 0
+    assert ledger[("pricey", "output")] > 0 and ledger[("pricey", "cost")] > 0
 
 
 def test_the_streamed_call_counted_its_tokens(traffic: Any) -> None:

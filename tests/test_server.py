@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -394,4 +394,7 @@ def test_two_workers_serve_and_drain(tmp_path: Path) -> None:
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
     assert len(ledger_rows(daemon.ledger_path)) == 8
-    time.sleep(0)  # nothing left running: the context manager waited
+    # Nothing left running: the process is gone and nothing listens on its port.
+    assert daemon.process is not None and daemon.process.poll() == 0
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", daemon.port)) != 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 import shutil
 import subprocess
 import time
@@ -26,35 +25,13 @@ from tests.helpers import (
     base_config,
     cli,
     free_port,
+    postgres_scratch,
     shared_limits,
     wait_for,
     write_config,
 )
-from tests.test_ledger import POSTGRES
 
 CHAT = {"model": "mock", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 20}
-
-
-@contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh database on the machine's PostgreSQL, dropped afterwards."""
-    name = "cv_limits_" + secrets.token_hex(4)
-
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(POSTGRES, timeout=3)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    try:
-        asyncio.run(run(f"CREATE DATABASE {name}"))
-    except OSError as exc:  # absent server only: wrong credentials must fail the test
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES}: {exc}")
-    try:
-        yield POSTGRES.rsplit("/", 1)[0] + "/" + name
-    finally:
-        asyncio.run(run(f"DROP DATABASE {name} WITH (FORCE)"))
 
 
 def replica_config(directory: Path, ledger_url: str, limits: dict[str, Any], **server: Any) -> Path:
@@ -85,7 +62,7 @@ def post(url: str, key: str, body: dict[str, Any] = CHAT) -> httpx.Response:
 @pytest.fixture
 def two_replicas(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon, Path]]:
     limits = shared_limits()
-    with postgres_database() as ledger:
+    with postgres_scratch("database") as ledger:
         a = replica_config(tmp_path / "a", ledger, limits)
         b = replica_config(tmp_path / "b", ledger, limits)
         with Daemon(a) as first, Daemon(b) as second:

@@ -27,6 +27,7 @@ from tests.helpers import (
     ServerThread,
     base_config,
     client_for,
+    expected_cost,
     ledger_rows,
     running,
     wait_for,
@@ -119,7 +120,14 @@ def test_server_and_client_spans_continue_the_callers_trace(traced: Any) -> None
         lambda: ledger_rows(daemon.ledger_path, "request_id = ?", (raw.headers["x-request-id"],))
     )[0]
     assert row["trace_id"] == trace_id
-    assert a["chatvault.cost_usd"] == pytest.approx(row["cost_usd"])
+    # The cost at mock's configured price, from the token counts the client was sent.
+    pricing = base_config()["models"][0]["pricing"]
+    cost = expected_cost(
+        pricing, completion.usage.prompt_tokens, 0, completion.usage.completion_tokens
+    )
+    assert cost > 0
+    assert a["chatvault.cost_usd"] == pytest.approx(cost, rel=1e-9)
+    assert row["cost_usd"] == pytest.approx(cost, rel=1e-9)
     # No prompt or completion text by default, anywhere.
     everything = json.dumps([s.attributes for s in spans], default=str)
     assert "zebras" not in everything and "You said" not in everything

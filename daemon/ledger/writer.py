@@ -419,14 +419,17 @@ class LedgerWriter:
                     self.last_error,
                 )
                 return True
-            written: list[str] = []
+            # Rows stored or dropped by an earlier pass over this batch are done: a row
+            # stored twice is harmless (idempotent) but would report twice, and a refused
+            # row would be counted as dropped again.
+            done: list[str] = []
             for row in batch:
-                if not await self._write([row]):
-                    # Retried later with the rest: rows stored by now must not report twice.
-                    self._reported.update(written)
+                if row.row_id not in self._reported and not await self._write([row]):
+                    # Retried later with the rest.
+                    self._reported.update(done)
                     return False
-                written.append(row.row_id)
-            self._reported.difference_update(written)
+                done.append(row.row_id)
+            self._reported.difference_update(done)
             return True
         fresh = batch
         if self._reported:
