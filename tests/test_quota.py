@@ -87,7 +87,9 @@ def store_factory(request: pytest.FixtureRequest, prefix: str) -> Iterator[str]:
 def _make(kind: object, prefix: str) -> Quota:
     if kind == "memory":
         return MemoryQuota()
-    return RedisQuota(REDIS_URL, key_prefix=prefix)
+    # These tests are about the arithmetic, not latency: a loaded CI machine must not
+    # turn a slow answer into a (fail-closed) refusal.
+    return RedisQuota(REDIS_URL, key_prefix=prefix, timeout_s=5.0)
 
 
 def test_concurrent_requests_cannot_overshoot_a_budget(store_factory: object, prefix: str) -> None:
