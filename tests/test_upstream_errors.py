@@ -56,6 +56,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, 
                 "pricing": {"input_per_million": 1.0, "output_per_million": 2.0},
             }
         ]
+        # One attempt each, and no circuit opening on the failures this module asks for:
+        # the mapping of each status is under test, not the routing (tests/test_routing.py).
+        config["routing"] = {"retries": 0, "circuit_breaker": {"failures": 1000}}
         with running(tmp_path_factory.mktemp("upstream-errors"), config) as daemon:
             yield daemon, state
 
