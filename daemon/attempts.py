@@ -226,7 +226,10 @@ class UpstreamCaller:
         started = usage.attempt_started = time.perf_counter()
         try:
             remaining = deadline - started
-            if remaining + 1.0 < (d.config.timeout_s or self.policy.default_timeout_s):
+            call.within_deadline = remaining + 1.0 < (
+                d.config.timeout_s or self.policy.default_timeout_s
+            )
+            if call.within_deadline:
                 # The request's deadline comes before the attempt's own timeout.
                 try:
                     async with asyncio.timeout(max(remaining, 0.0)):

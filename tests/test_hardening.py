@@ -352,6 +352,24 @@ def test_total_timeout_against_an_upstream_that_never_finishes(
     assert (row["status_code"], row["error_type"]) == (504, "upstream_timeout")
 
 
+def test_the_request_deadline_cuts_an_answer_that_never_finishes(
+    tmp_path: Path, make_client: MakeClient
+) -> None:
+    # Not streamed: the answer is read whole inside the attempt, and with the deadline
+    # before timeout_s the provider arms no total timer of its own: the deadline must cut it.
+    upstream = streaming_upstream([_chunk("Hi")], forever=_chunk(" more"), every_s=0.1)
+    with ServerThread(upstream) as server:
+        model = upstream_model(server.url, **{**TIMEOUTS, "timeout_s": 60})
+        config = base_config(models=[model], routing={"request_deadline_s": 1.5, "retries": 0})
+        client = openai_client(make_client(config))
+        took, error = _timed_failure(client)
+    assert 1.4 < took < 4.0
+    assert isinstance(error, openai.APIStatusError) and error.status_code == 504
+    assert "request_deadline_s" in error.message
+    row = one_row(tmp_path)
+    assert (row["status_code"], row["error_type"]) == (504, "upstream_timeout")
+
+
 def test_a_models_timeouts_default_to_the_upstream_section(make_settings: Any) -> None:
     from daemon.providers import timeouts_for
 

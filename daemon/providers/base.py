@@ -23,6 +23,10 @@ class UpstreamCall:
     stream: bool = False
     headers: dict[str, str] = field(default_factory=dict)  # e.g. traceparent
     timeout_s: float | None = None
+    # The request's deadline (attempts.py) is armed on this attempt and runs out before
+    # the model's whole-call timeout: a call read whole within the attempt needs no total
+    # timer of its own (one timer and timer context less per request, docs/benchmarks.md).
+    within_deadline: bool = False
     # Another API surface (Responses, legacy completions) served over chat completions:
     # it calls the provider and translates the answer back (``daemon/surfaces``).
     adapter: Adapter | None = None

@@ -162,9 +162,11 @@ class Timeouts:
     first_byte_s: float = 120.0
     total_s: float = 600.0
 
-    def client_timeout(self) -> aiohttp.ClientTimeout:
+    def client_timeout(self, *, total: bool = True) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(
-            total=self.total_s, connect=self.connect_s, sock_read=self.first_byte_s
+            total=self.total_s if total else None,
+            connect=self.connect_s,
+            sock_read=self.first_byte_s,
         )
 
 
@@ -200,6 +202,9 @@ class OpenAICompatProvider:
         # timeout as soon as a per-call one replaced it.
         self.timeouts = timeouts
         self.timeout = timeouts.client_timeout()
+        # For an answer read whole under the request's deadline, which comes first:
+        # aiohttp's total timer would cost a timer and a timer context per request.
+        self.timeout_within_deadline = timeouts.client_timeout(total=False)
         self.max_event_bytes = max_event_bytes
         self.probe_url = self.root + "/api/tags" if name == "ollama" else self.base + probe_path
         # HTTP(S)_PROXY and NO_PROXY, resolved once: aiohttp's trust_env would look
@@ -209,7 +214,9 @@ class OpenAICompatProvider:
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
 
-    async def _send(self, path: str, call: UpstreamCall) -> aiohttp.ClientResponse:
+    async def _send(
+        self, path: str, call: UpstreamCall, timeout: aiohttp.ClientTimeout | None = None
+    ) -> aiohttp.ClientResponse:
         headers = {**self._headers, **call.headers} if call.headers else self._headers
         try:
             response = await self.session.post(
@@ -217,7 +224,7 @@ class OpenAICompatProvider:
                 data=orjson.dumps(call.body),
                 headers=headers,
                 proxy=self.proxy,
-                timeout=self.timeout,
+                timeout=timeout or self.timeout,
             )
         except _TRANSPORT_ERRORS as exc:
             raise request_error(exc, self.name, self.timeouts) from exc
@@ -246,7 +253,9 @@ class OpenAICompatProvider:
     ) -> Reply:
         """POST, read the whole answer, parse it; ``read`` takes usage and ids from it.
         ``skim``: a large answer (embeddings) is not parsed whole, only its usage."""
-        response = await self._send(path, call)
+        # Read whole here, inside the attempt: the request's deadline, when armed, bounds it.
+        timeout = self.timeout_within_deadline if call.within_deadline else self.timeout
+        response = await self._send(path, call, timeout)
         try:
             body = await response.read()
         except _TRANSPORT_ERRORS as exc:
