@@ -457,11 +457,18 @@ def test_a_journal_disk_that_refuses_writes_keeps_the_rows_in_memory(tmp_path: P
         assert "No space left on device" in writer.journal_error
         assert (writer.depth, writer.journal_depth) == (2, 0)  # nothing lost
         assert (writer.rows_journaled, writer.rows_dropped) == (0, 0)
+        # Nothing reaches the disk: as without a journal, the replica is not ready.
+        assert not writer.absorbing
+        ready, why = writer.readiness()
+        assert not ready and why == (
+            f"ledger writes fail ({DISK_FULL}) and rows cannot be journaled: {writer.journal_error}"
+        )
         # The next attempt leaves the refusing segment behind and journals the rows
         # in a new one: the error is cleared.
         assert not await writer.flush()
         assert writer.journal_error is None
         assert (writer.depth, writer.journal_depth, writer.rows_journaled) == (0, 2, 2)
+        assert writer.absorbing and writer.readiness()[0]
         store.down = False
         assert await writer.flush()
         assert writer.rows_written == 2 and await stored(store) == 2
