@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from itertools import pairwise
 from pathlib import Path
 
 from daemon.ledger.sqlite import SQLiteStore
@@ -475,3 +477,62 @@ def test_a_journal_disk_that_refuses_writes_keeps_the_rows_in_memory(tmp_path: P
         assert writer.billed_dropped == 0
 
     scenario(tmp_path, body, journal_dir=journal, flush_interval_s=3600.0, spill_after_s=3600.0)
+
+
+# -- retry pacing while the database fails --------------------------------------------------
+
+
+class Attempts:
+    """A writer observer recording when each failed write happened (monotonic)."""
+
+    def __init__(self) -> None:
+        self.failed_at: list[float] = []
+
+    def batch_written(
+        self, rows: Sequence[Usage], seconds: float, totals: dict[str, float]
+    ) -> None:
+        pass
+
+    def batch_failed(self, rows: Sequence[Usage], seconds: float, error: BaseException) -> None:
+        self.failed_at.append(time.monotonic())
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in pairwise(times)]
+
+
+def test_the_write_loop_backs_off_exponentially_while_the_database_fails(tmp_path: Path) -> None:
+    """Between failed attempts the loop waits ``flush_interval_s`` plus a backoff that
+    starts at 0.1 s and doubles; a loaded machine only makes the gaps longer, so the
+    test checks them from below."""
+    attempts = Attempts()
+
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        store.down = True
+        await writer.start()
+        writer.submit(usage())
+        await eventually(lambda: len(attempts.failed_at) >= 4, timeout=15)
+        for gap, backoff in zip(gaps(attempts.failed_at), (0.1, 0.2, 0.4), strict=False):
+            assert gap >= 0.9 * (0.01 + backoff)
+        store.down = False
+        await eventually(lambda: writer.rows_written == 1, timeout=15)
+
+    scenario(tmp_path, body, journal=False, flush_interval_s=0.01, observers=[attempts])
+
+
+def test_close_retries_with_a_doubling_pause_until_its_deadline(tmp_path: Path) -> None:
+    attempts = Attempts()
+
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        store.down = True
+        writer.submit(usage())
+        started = time.monotonic()
+        await writer.close(timeout_s=1.0)
+        assert time.monotonic() - started >= 1.0  # it kept trying until the deadline
+        # 0.05 s, then 0.1, 0.2, 0.4: at least four tries, and pauses at least that long.
+        assert len(attempts.failed_at) >= 4
+        for gap, pause in zip(gaps(attempts.failed_at), (0.05, 0.1, 0.2), strict=False):
+            assert gap >= 0.9 * pause
+        assert writer.depth == 1  # kept in memory (no journal): logged, not lost silently
+
+    scenario(tmp_path, body, journal=False, observers=[attempts])
