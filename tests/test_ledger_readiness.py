@@ -159,9 +159,12 @@ def test_rows_waiting_in_memory_too_long_are_journaled(tmp_path: Path) -> None:
     which bounds what a SIGKILL can lose."""
 
     async def body(writer: LedgerWriter, store: Failing) -> None:
+        submitted = time.monotonic()
         for _ in range(3):
             writer.submit(usage())
         await eventually(lambda: writer.journal_depth == 3, timeout=5)
+        # Not before they have waited spill_after_s (the guard looks twice as often).
+        assert time.monotonic() - submitted >= 0.2
         assert writer.rows_journaled == 3 and writer.rows_written == 0
         assert await writer.flush()  # replayed from the journal
         assert writer.rows_written == 3 and writer.journal_depth == 0
@@ -171,7 +174,7 @@ def test_rows_waiting_in_memory_too_long_are_journaled(tmp_path: Path) -> None:
         body,
         journal_dir=tmp_path / "journal",
         flush_interval_s=3600.0,
-        spill_after_s=0.1,
+        spill_after_s=0.2,
     )
 
 
