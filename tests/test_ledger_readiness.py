@@ -336,13 +336,16 @@ def test_a_failed_write_keeps_only_what_fits_after_a_burst_of_refused_rows(
 def test_a_memory_queue_reaching_max_queue_goes_to_the_journal_at_once(tmp_path: Path) -> None:
     async def body(writer: LedgerWriter, store: Failing) -> None:
         writer.submit(usage())
+        assert await writer.flush()  # a healthy database: straight in, no journal
+        assert (writer.rows_written, writer.rows_journaled) == (1, 0)
+        writer.submit(usage())
         writer.submit(usage())
         assert (writer.depth, writer.journal_depth) == (2, 0)
         writer.submit(usage())  # the third reaches the bound
         assert (writer.depth, writer.journal_depth) == (0, 3)
         assert writer.rows_journaled == 3 and writer.rows_dropped == 0
         assert await writer.flush()
-        assert writer.rows_written == 3 and await stored(store) == 3
+        assert writer.rows_written == 4 and await stored(store) == 4
 
     scenario(
         tmp_path,
