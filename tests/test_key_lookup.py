@@ -136,6 +136,26 @@ def test_a_flood_of_unknown_keys_cannot_flood_the_store(tmp_path: Path) -> None:
     scenario(tmp_path, body)
 
 
+def test_a_full_negative_cache_forgets_its_oldest_keys_not_the_newest(tmp_path: Path) -> None:
+    """The negative cache is bounded (10,000 keys, expired ones included); once full, a
+    new unknown key still shields the store for its five seconds: the oldest goes."""
+
+    async def body(w: World) -> None:
+        await w.auth.start()
+        for i in range(10_000):  # the bound, a minute's allowance (3,000) at a time
+            if i % 3000 == 0:
+                w.now += 60.0
+            assert await w.outcome(f"cv-random-{i}") == "401 invalid_api_key"
+        w.now += 60.0  # this lookup is allowed: the store is asked, and says unknown
+        made = create_key(name="late", now=1.0)
+        assert await w.outcome(made.secret) == "401 invalid_api_key"
+        w.store.down = True  # a lookup now would be a 503
+        w.now += 1.0
+        assert await w.outcome(made.secret) == "401 invalid_api_key"
+
+    scenario(tmp_path, body)
+
+
 class ReloadDuringLookup:
     """A real store whose ``find_key`` answers only after the authenticator has reloaded
     the keys meanwhile (``change`` runs first: a revocation, a new key)."""

@@ -1,12 +1,21 @@
 """What the ledger writer tells /readyz and /health while the database fails, and how it
 counts the rows it journals or drops: a real SQLite store whose writes fail, a real
-journal on disk, and the clock passed in."""
+journal on disk, and the clock passed in.
+
+Then the writer at its edges: the refused-row queue's bound when a burst arrives during
+a failed write, the memory queue's bound and the batch size at their exact values, a
+write that outlasts ``spill_after_s``, a journal exactly 90 % full, and a journal disk
+that refuses writes (``/dev/full`` standing for a full disk). No waiting on time except
+for conditions, with deadlines."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from itertools import pairwise
 from pathlib import Path
 
 from daemon.ledger.sqlite import SQLiteStore
@@ -150,9 +159,12 @@ def test_rows_waiting_in_memory_too_long_are_journaled(tmp_path: Path) -> None:
     which bounds what a SIGKILL can lose."""
 
     async def body(writer: LedgerWriter, store: Failing) -> None:
+        submitted = time.monotonic()
         for _ in range(3):
             writer.submit(usage())
         await eventually(lambda: writer.journal_depth == 3, timeout=5)
+        # Not before they have waited spill_after_s (the guard looks twice as often).
+        assert time.monotonic() - submitted >= 0.2
         assert writer.rows_journaled == 3 and writer.rows_written == 0
         assert await writer.flush()  # replayed from the journal
         assert writer.rows_written == 3 and writer.journal_depth == 0
@@ -162,7 +174,7 @@ def test_rows_waiting_in_memory_too_long_are_journaled(tmp_path: Path) -> None:
         body,
         journal_dir=tmp_path / "journal",
         flush_interval_s=3600.0,
-        spill_after_s=0.1,
+        spill_after_s=0.2,
     )
 
 
@@ -233,7 +245,9 @@ def test_close_writes_the_refused_rows_left(tmp_path: Path) -> None:
     async def body(writer: LedgerWriter, store: Failing) -> None:
         for _ in range(4):
             writer.submit(refused_row())
+        started = time.monotonic()
         await writer.close(timeout_s=5)
+        assert time.monotonic() - started < 2.5  # done once all is written, not at 5 s
         assert writer.rows_written == 4 and writer.depth == 0
         stored = await store.usage(0.0, "key")
         assert sum(g.requests for g in stored) == 4
@@ -250,3 +264,285 @@ def test_rows_after_close_are_counted_as_dropped(tmp_path: Path) -> None:
         assert (writer.rows_dropped, writer.billed_dropped) == (3, 2)
 
     scenario(tmp_path, body, journal=False)
+
+
+class Reports:
+    """A writer observer counting the rows reported as stored."""
+
+    def __init__(self) -> None:
+        self.written: Counter[str] = Counter()
+
+    def batch_written(
+        self, rows: Sequence[Usage], seconds: float, totals: dict[str, float]
+    ) -> None:
+        self.written.update(u.row_id for u in rows)
+
+    def batch_failed(self, rows: Sequence[Usage], seconds: float, error: BaseException) -> None:
+        pass
+
+
+async def stored(store: Failing) -> int:
+    return sum(g.requests for g in await store.usage(0.0, "key"))
+
+
+# -- refused rows (status >= 400, no cost) ------------------------------------------------
+
+
+def test_refused_rows_beyond_their_bound_are_dropped_and_counted(tmp_path: Path) -> None:
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        for _ in range(5):
+            writer.submit(refused_row())
+        assert writer.rejected_depth == 2
+        assert (writer.rejected_dropped, writer.rows_dropped, writer.billed_dropped) == (3, 3, 0)
+        assert await writer.flush()
+        assert await stored(store) == 2
+
+    scenario(tmp_path, body, journal=False, rejected_max_queue=2)
+
+
+def test_a_failed_write_keeps_only_what_fits_after_a_burst_of_refused_rows(
+    tmp_path: Path,
+) -> None:
+    """The bound holds whatever arrives while a write of refused rows fails: the newer
+    arrivals keep their place, and of the failed batch only what still fits goes back."""
+
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        first = [refused_row() for _ in range(5)]
+        for u in first:
+            writer.submit(u)
+        store.down = True
+        # 4 arrive during the write: room for 1 of the 5 being written (the oldest).
+        writer.store = ArrivalsDuringWrite(store, writer, arrivals=4)  # type: ignore[assignment]
+        assert not await writer.flush()
+        assert writer.rejected_depth == 5
+        assert (writer.rejected_dropped, writer.rows_dropped) == (4, 4)
+        # 7 arrive during the next failed write, more than the whole bound: 5 fit the
+        # emptied queue, 2 are refused at once, and all 5 of the failed batch are dropped.
+        writer.store = ArrivalsDuringWrite(store, writer, arrivals=7)  # type: ignore[assignment]
+        assert not await writer.flush()
+        assert writer.rejected_depth == 5
+        assert (writer.rejected_dropped, writer.rows_dropped) == (4 + 2 + 5, 4 + 2 + 5)
+        assert writer.billed_dropped == 0
+        store.down = False
+        writer.store = store
+        assert await writer.flush()
+        assert writer.rows_written == 5 and await stored(store) == 5
+        assert writer.depth == 0
+
+    scenario(tmp_path, body, journal=False, rejected_max_queue=5)
+
+
+# -- billed rows: the memory queue and the batch size ------------------------------------
+
+
+def test_a_memory_queue_reaching_max_queue_goes_to_the_journal_at_once(tmp_path: Path) -> None:
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        writer.submit(usage())
+        assert await writer.flush()  # a healthy database: straight in, no journal
+        assert (writer.rows_written, writer.rows_journaled) == (1, 0)
+        writer.submit(usage())
+        writer.submit(usage())
+        assert (writer.depth, writer.journal_depth) == (2, 0)
+        writer.submit(usage())  # the third reaches the bound
+        assert (writer.depth, writer.journal_depth) == (0, 3)
+        assert writer.rows_journaled == 3 and writer.rows_dropped == 0
+        assert await writer.flush()
+        assert writer.rows_written == 4 and await stored(store) == 4
+
+    scenario(
+        tmp_path,
+        body,
+        journal_dir=tmp_path / "journal",
+        max_queue=3,
+        flush_interval_s=3600.0,
+        spill_after_s=3600.0,
+    )
+
+
+def test_a_full_batch_is_written_without_waiting_for_the_flush_interval(tmp_path: Path) -> None:
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        await writer.start()
+        for _ in range(3):
+            writer.submit(usage())
+        await eventually(lambda: writer.rows_written == 3, timeout=5)
+        assert await stored(store) == 3
+
+    scenario(tmp_path, body, journal=False, batch_size=3, flush_interval_s=3600.0)
+
+
+# -- a write slower than spill_after_s ------------------------------------------------------
+
+
+class SlowUntilJournaled:
+    """A real store whose first write takes long: a request finishes meanwhile, and the
+    write returns (successfully) once the guard has moved the batch being written and
+    the newcomer to the journal."""
+
+    def __init__(self, store: Failing, writer: LedgerWriter, arrival: Usage) -> None:
+        self.inner, self.writer, self.arrival = store, writer, arrival
+        self.slow = True
+
+    async def write_requests(self, rows: Sequence[Usage]) -> dict[str, float]:
+        if self.slow:
+            self.slow = False
+            self.writer.submit(self.arrival)
+            expected = len(rows) + 1
+            await eventually(lambda: self.writer.journal_depth == expected, timeout=5)
+        totals: dict[str, float] = await self.inner.write_requests(rows)
+        return totals
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_rows_journaled_during_a_slow_write_are_replayed_by_the_same_flush(
+    tmp_path: Path,
+) -> None:
+    """A flush that returns True has written everything, the journal included, and
+    stores and reports each row once although the batch in flight was also journaled."""
+    reports = Reports()
+
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        rows = [usage() for _ in range(3)]
+        writer.submit(rows[0])
+        writer.submit(rows[1])
+        writer.store = SlowUntilJournaled(store, writer, rows[2])  # type: ignore[assignment]
+        assert await writer.flush()
+        assert writer.journal_depth == 0 and writer.depth == 0
+        assert writer.rows_written == 3
+        assert reports.written == Counter(u.row_id for u in rows)
+        assert await stored(store) == 3
+
+    scenario(
+        tmp_path,
+        body,
+        journal_dir=tmp_path / "journal",
+        batch_size=3,  # the write loop stays asleep: this flush alone writes
+        flush_interval_s=3600.0,
+        spill_after_s=0.05,
+        observers=[reports],
+    )
+
+
+# -- the journal: exactly 90 % full, and a disk that refuses writes -------------------------
+
+
+def test_the_replica_turns_unready_when_the_journal_is_exactly_90_percent_full(
+    tmp_path: Path,
+) -> None:
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        store.down = True
+        # Rows of different sizes until the journal's size divides by 9, so that a bound
+        # of size * 10 / 9 makes it exactly 90 % full (9k / 10k is the float 0.9).
+        for n in range(1, 40):
+            writer.submit(usage(model="m" * n))
+            assert not await writer.flush()
+            if writer.journal_bytes % 9 == 0:
+                break
+        size = writer.journal_bytes
+        assert size % 9 == 0
+        writer.journal_max_bytes = size * 10 // 9
+        ready, why = writer.readiness()
+        assert not ready and why == f"ledger database failing ({DISK_FULL}); journal 90% full"
+        writer.journal_max_bytes += 1
+        assert writer.readiness()[0]
+
+    scenario(tmp_path, body, journal_dir=tmp_path / "journal", journal_max_bytes=1 << 20)
+
+
+def test_a_journal_disk_that_refuses_writes_keeps_the_rows_in_memory(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        # The journal's first segment file is a device whose every write fails with
+        # ENOSPC: a full disk. Its name is the writer's id (its lock file's) and .s1.
+        (lock,) = journal.glob("*.lock")
+        (journal / f"{lock.stem}.s00000001.jsonl").symlink_to("/dev/full")
+        store.down = True
+        rows = [usage() for _ in range(2)]
+        for u in rows:
+            writer.submit(u)
+        assert not await writer.flush()
+        assert writer.journal_error is not None
+        assert "No space left on device" in writer.journal_error
+        assert (writer.depth, writer.journal_depth) == (2, 0)  # nothing lost
+        assert (writer.rows_journaled, writer.rows_dropped) == (0, 0)
+        # Nothing reaches the disk: as without a journal, the replica is not ready.
+        assert not writer.absorbing
+        ready, why = writer.readiness()
+        assert not ready and why == (
+            f"ledger writes fail ({DISK_FULL}) and rows cannot be journaled: {writer.journal_error}"
+        )
+        # The next attempt leaves the refusing segment behind and journals the rows
+        # in a new one: the error is cleared.
+        assert not await writer.flush()
+        assert writer.journal_error is None
+        assert (writer.depth, writer.journal_depth, writer.rows_journaled) == (0, 2, 2)
+        assert writer.absorbing and writer.readiness()[0]
+        store.down = False
+        assert await writer.flush()
+        assert writer.rows_written == 2 and await stored(store) == 2
+        assert writer.billed_dropped == 0
+
+    scenario(tmp_path, body, journal_dir=journal, flush_interval_s=3600.0, spill_after_s=3600.0)
+
+
+# -- retry pacing while the database fails --------------------------------------------------
+
+
+class Attempts:
+    """A writer observer recording when each failed write happened (monotonic)."""
+
+    def __init__(self) -> None:
+        self.failed_at: list[float] = []
+
+    def batch_written(
+        self, rows: Sequence[Usage], seconds: float, totals: dict[str, float]
+    ) -> None:
+        pass
+
+    def batch_failed(self, rows: Sequence[Usage], seconds: float, error: BaseException) -> None:
+        self.failed_at.append(time.monotonic())
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in pairwise(times)]
+
+
+def test_the_write_loop_backs_off_exponentially_while_the_database_fails(tmp_path: Path) -> None:
+    """Between failed attempts the loop waits ``flush_interval_s`` plus a backoff that
+    starts at 0.1 s and doubles; a loaded machine only makes the gaps longer, so the
+    test checks them from below."""
+    attempts = Attempts()
+
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        store.down = True
+        await writer.start()
+        writer.submit(usage())
+        await eventually(lambda: len(attempts.failed_at) >= 4, timeout=15)
+        for gap, backoff in zip(gaps(attempts.failed_at), (0.1, 0.2, 0.4), strict=False):
+            assert gap >= 0.9 * (0.01 + backoff)
+        store.down = False
+        await eventually(lambda: writer.rows_written == 1, timeout=15)
+
+    scenario(tmp_path, body, journal=False, flush_interval_s=0.01, observers=[attempts])
+
+
+def test_close_retries_with_a_doubling_pause_until_its_deadline(tmp_path: Path) -> None:
+    attempts = Attempts()
+
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        store.down = True
+        writer.submit(usage())
+        started = time.monotonic()
+        await writer.close(timeout_s=1.0)
+        # It kept trying until the deadline, and its last pause was cut to end there
+        # (0.05 + 0.1 + 0.2 + 0.4, then 0.25 s, not 0.8).
+        assert 1.0 <= time.monotonic() - started < 1.4
+        # 0.05 s, then 0.1, 0.2, 0.4: at least four tries, and pauses at least that long.
+        assert len(attempts.failed_at) >= 4
+        for gap, pause in zip(gaps(attempts.failed_at), (0.05, 0.1, 0.2), strict=False):
+            assert gap >= 0.9 * pause
+        assert writer.depth == 1  # kept in memory (no journal): logged, not lost silently
+
+    scenario(tmp_path, body, journal=False, observers=[attempts])

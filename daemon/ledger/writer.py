@@ -151,8 +151,9 @@ class LedgerWriter:
 
     @property
     def absorbing(self) -> bool:
-        """The database is failing and the journal is taking the rows meanwhile."""
-        return self.failing and self._journal is not None
+        """The database is failing and the journal is taking the rows meanwhile (not
+        when its disk refuses them: they wait in memory then, as without a journal)."""
+        return self.failing and self._journal is not None and self.journal_error is None
 
     def readiness(self, now: float | None = None) -> tuple[bool, str]:
         """Should this replica take traffic, as far as the ledger goes, and why.
@@ -166,7 +167,7 @@ class LedgerWriter:
         now = time.time() if now is None else now
         down_s = now - (self.outage_since or now)
         error = self.last_error or "unknown error"
-        if self._journal is None:
+        if self._journal is None or self.journal_error is not None:
             reason = self.journal_error or "no journal configured"
             return False, f"ledger writes fail ({error}) and rows cannot be journaled: {reason}"
         used = self._journal.disk_bytes / max(self.journal_max_bytes, 1)
