@@ -546,3 +546,28 @@ def test_close_retries_with_a_doubling_pause_until_its_deadline(tmp_path: Path) 
         assert writer.depth == 1  # kept in memory (no journal): logged, not lost silently
 
     scenario(tmp_path, body, journal=False, observers=[attempts])
+
+
+def test_the_write_loop_keeps_its_pace_before_and_after_an_outage(tmp_path: Path) -> None:
+    """No backoff before the first failure, and none left once the database is back:
+    a row is written within about ``flush_interval_s`` (0.01 s here; 0.5 s allowed for a
+    loaded machine, against the 0.8 s the backoff would have reached)."""
+    attempts = Attempts()
+
+    async def written_soon(writer: LedgerWriter, count: int) -> None:
+        submitted = time.monotonic()
+        writer.submit(usage())
+        await eventually(lambda: writer.rows_written == count, timeout=15)
+        assert time.monotonic() - submitted < 0.5
+
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        await writer.start()
+        await written_soon(writer, 1)
+        store.down = True
+        writer.submit(usage())
+        await eventually(lambda: len(attempts.failed_at) >= 4, timeout=15)  # backoff 0.4 s
+        store.down = False
+        await eventually(lambda: writer.rows_written == 2, timeout=15)
+        await written_soon(writer, 3)
+
+    scenario(tmp_path, body, journal=False, flush_interval_s=0.01, observers=[attempts])
