@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,24 @@ def test_a_key_broken_inside_is_refused_without_printing_it(daemon: Daemon) -> N
         assert "first-half" not in text and "second-half" not in text, text
 
 
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def fake_daemon(
+    health: Handler, metrics: Handler, traces: Handler, models: Handler, chat: Handler
+) -> Starlette:
+    """Every endpoint the CLI talks to, answered by the given handlers."""
+    return Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/metrics", metrics),
+            Route("/admin/traces/status", traces),
+            Route("/v1/models", models),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+        ]
+    )
+
+
 def echo_server() -> Starlette:
     """A server that puts the Authorization header it receives into every answer."""
 
@@ -123,15 +141,7 @@ def echo_server() -> Starlette:
     async def chat(request: Request) -> Response:
         return JSONResponse({"error": {"message": f"bad key {auth(request)}"}}, status_code=401)
 
-    return Starlette(
-        routes=[
-            Route("/health", health),
-            Route("/metrics", metrics),
-            Route("/admin/traces/status", traces),
-            Route("/v1/models", models),
-            Route("/v1/chat/completions", chat, methods=["POST"]),
-        ]
-    )
+    return fake_daemon(health, metrics, traces, models, chat)
 
 
 def test_no_output_contains_a_key_even_when_the_server_echoes_it() -> None:
@@ -278,15 +288,7 @@ def nasty_server() -> Starlette:
             return StreamingResponse(events(), media_type="text/event-stream")
         return JSONResponse({"error": {"message": f"upstream said {NASTY}"}}, status_code=502)
 
-    return Starlette(
-        routes=[
-            Route("/health", health),
-            Route("/metrics", metrics),
-            Route("/admin/traces/status", traces),
-            Route("/v1/models", models),
-            Route("/v1/chat/completions", chat, methods=["POST"]),
-        ]
-    )
+    return fake_daemon(health, metrics, traces, models, chat)
 
 
 def test_server_strings_reach_the_terminal_without_control_characters() -> None:
