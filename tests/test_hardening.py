@@ -467,7 +467,7 @@ def test_a_large_embeddings_answer_is_forwarded_whole_and_billed_from_its_usage(
 
 
 def test_mock_counts_a_huge_prompt_exactly_in_pieces() -> None:
-    from daemon.providers.mock import count_tokens
+    from daemon.providers.mock_text import count_tokens
 
     text = ("word, " * 30000 + "x" * 70000 + "!" * 70000 + " tail ") * 3
     # One token per word or punctuation mark, counted here without the regex.

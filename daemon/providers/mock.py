@@ -28,7 +28,6 @@ import re
 import secrets
 import struct
 import time
-import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,82 +38,25 @@ from daemon.config import MockOptions
 from daemon.errors import InvalidRequest, UpstreamError
 from daemon.providers.base import SSE_DONE, ProbeResult, Reply, UpstreamCall, sse_event
 from daemon.providers.mock_json import example
+from daemon.providers.mock_text import (
+    CHUNK_CHARS,
+    count_tokens,
+    cut_at_limit,
+    cut_at_stop,
+    last_user_text,
+    logprob_entries,
+    message_text,
+    prompt_tokens,
+    stream_words,
+)
 from daemon.usage import TokenCounts
 
-_TOKEN = re.compile(r"\w+|[^\w\s]")
-_TOKEN_PIECE = re.compile(r"\s*(?:\w+|[^\w\s])")  # tokens with their leading space
 _ECHO_WORDS = 24
 _SLOW = re.compile(r"mock:slow(?:=(\d+(?:\.\d+)?))?")
 _CHUNKS = re.compile(r"mock:chunks=(\d+)")
 MAX_SLOW_S = 30.0
 MAX_CHUNKS = 10_000
 _LOREM = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
-_ALTERNATIVES = (" the", " a", ",", ".", " and", " of", " to", " in", " is", " it")
-
-
-_NON_WORD = re.compile(r"\W")
-_CHUNK_CHARS = 65536  # one regex call: about 5 ms; then another thread may run
-
-
-def count_tokens(text: str) -> int:
-    if len(text) <= _CHUNK_CHARS:
-        return len(_TOKEN.findall(text))
-    # In pieces cut before a non-word character (no token spans one), so that a
-    # thread counting a 4 MB prompt (0.3 s) gives the GIL back between pieces.
-    total, start = 0, 0
-    while start < len(text):
-        cut = _NON_WORD.search(text, start + _CHUNK_CHARS)
-        end = cut.start() if cut else len(text)
-        total += len(_TOKEN.findall(text, start, end))
-        start = end
-    return total
-
-
-def message_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts
-        return " ".join(
-            str(p.get("text", ""))
-            for p in content
-            if isinstance(p, dict) and p.get("type") == "text"
-        )
-    return ""
-
-
-def prompt_tokens(messages: list[Any]) -> int:
-    # One token per message for its role, as real chat templates spend some too.
-    return sum(
-        1 + count_tokens(message_text(m.get("content"))) for m in messages if isinstance(m, dict)
-    )
-
-
-def last_user_text(messages: list[Any]) -> str:
-    for m in reversed(messages):
-        if isinstance(m, dict) and m.get("role") == "user":
-            return message_text(m.get("content"))
-    return ""
-
-
-def logprob_entries(text: str, top: int) -> list[dict[str, Any]]:
-    """Plausible, deterministic log-probabilities for each token of ``text``: mostly
-    confident, and the alternatives share what the chosen token leaves."""
-    out = []
-    for piece in _TOKEN_PIECE.findall(text):
-        h = zlib.crc32(piece.encode())
-        chosen = -(((h % 1000) / 1000) ** 3) * 4 - 0.0001
-        rest = 1.0 - math.exp(chosen)
-        alternatives = [
-            {
-                "token": _ALTERNATIVES[(h + j) % len(_ALTERNATIVES)],
-                "logprob": max(math.log(rest * 0.5 ** (j + 1)), -30.0),
-                "bytes": list(_ALTERNATIVES[(h + j) % len(_ALTERNATIVES)].encode()),
-            }
-            for j in range(max(top - 1, 0))
-        ]
-        first = {"token": piece, "logprob": chosen, "bytes": list(piece.encode())}
-        out.append({**first, "top_logprobs": [first, *alternatives] if top else []})
-    return out
 
 
 @dataclass(slots=True)
@@ -143,43 +85,6 @@ class Plan:
             else:
                 out += count_tokens(c.text or "")
         return TokenCounts(input=self.n_in, output=out)
-
-
-def _cut_at_stop(text: str, stop: Any) -> str:
-    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
-    cut = len(text)
-    for s in stops:
-        if isinstance(s, str) and s:
-            at = text.find(s)
-            if 0 <= at < cut:
-                cut = at
-    return text[:cut]  # the finish reason stays "stop", as OpenAI reports it
-
-
-def _cut_at_limit(text: str, limit: Any) -> tuple[str, bool]:
-    if not isinstance(limit, int) or limit <= 0:
-        return text, False
-    kept: list[str] = []
-    used = 0
-    for word in text.split(" "):
-        n = count_tokens(word)
-        if used + n > limit:
-            return " ".join(kept), True
-        kept.append(word)
-        used += n
-    return text, False
-
-
-def _stream_words(text: str) -> list[str]:
-    """The pieces a stream sends: words with their leading space; long runs without
-    spaces (JSON) in pieces of 16 characters."""
-    out = []
-    for word in re.findall(r"\s*\S+", text):
-        while len(word) > 16:
-            out.append(word[:16])
-            word = word[16:]
-        out.append(word)
-    return out
 
 
 class MockProvider:
@@ -232,9 +137,9 @@ class MockProvider:
                 plan.choices.append(Choice(None, "tool_calls", call))
             return plan
         text = self._text(body, messages, chunks)
-        text = _cut_at_stop(text, body.get("stop"))
+        text = cut_at_stop(text, body.get("stop"))
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        text, cut = _cut_at_limit(text, limit)
+        text, cut = cut_at_limit(text, limit)
         finish = "length" if cut else "stop"
         plan.choices = [Choice(text, finish) for _ in range(n)]
         if body.get("logprobs") is True:
@@ -322,7 +227,7 @@ class MockProvider:
     async def _plan_for(self, body: dict[str, Any]) -> Plan:
         """The plan, made in a worker thread when the prompt is large (a 4 MB prompt
         takes 0.3 s to count); small prompts, nearly all of them, stay on the loop."""
-        if _prompt_chars(body.get("messages")) <= _CHUNK_CHARS:
+        if _prompt_chars(body.get("messages")) <= CHUNK_CHARS:
             return self._plan(body)
         return await asyncio.to_thread(self._plan, body)
 
@@ -370,7 +275,7 @@ class MockProvider:
 
         choices = plan.choices
         yield [chunk(i, {"role": "assistant", "content": ""}) for i in range(len(choices))]
-        words = [_stream_words(c.text) if c.text is not None else [] for c in choices]
+        words = [stream_words(c.text) if c.text is not None else [] for c in choices]
         for i, c in enumerate(choices):
             if c.tool_call is not None:
                 yield [chunk(i, {"tool_calls": [_call_delta(c.tool_call)]})]
@@ -419,7 +324,7 @@ class MockProvider:
         dims = int(call.body.get("dimensions") or self.options.embedding_dimensions)
         # 2048 inputs of 3072 dimensions take about a second to make: in a thread
         # (the GIL is handed back between vectors), not on the event loop.
-        if len(inputs) * dims + sum(map(len, inputs)) <= _CHUNK_CHARS:
+        if len(inputs) * dims + sum(map(len, inputs)) <= CHUNK_CHARS:
             return self._embeddings(inputs, dims)
         return await asyncio.to_thread(self._embeddings, inputs, dims)
 
