@@ -473,18 +473,71 @@ def test_a_journal_disk_that_refuses_writes_keeps_the_rows_in_memory(tmp_path: P
         assert not ready and why == (
             f"ledger writes fail ({DISK_FULL}) and rows cannot be journaled: {writer.journal_error}"
         )
-        # The next attempt leaves the refusing segment behind and journals the rows
-        # in a new one: the error is cleared.
+        # Within ``journal_retry_s`` of the refusal the journal is not tried again.
+        rows.append(usage())
+        writer.submit(rows[-1])
+        assert not await writer.flush()
+        assert writer.journal_error is not None and writer.depth == 3
+        # Once it has passed, the next attempt leaves the refusing segment behind and
+        # journals the rows in a new one: the error is cleared.
+        writer.journal_retry_s = 0.0
         assert not await writer.flush()
         assert writer.journal_error is None
-        assert (writer.depth, writer.journal_depth, writer.rows_journaled) == (0, 2, 2)
+        assert (writer.depth, writer.journal_depth, writer.rows_journaled) == (0, 3, 3)
         assert writer.absorbing and writer.readiness()[0]
         store.down = False
         assert await writer.flush()
-        assert writer.rows_written == 2 and await stored(store) == 2
+        assert writer.rows_written == 3 and await stored(store) == 3
         assert writer.billed_dropped == 0
 
-    scenario(tmp_path, body, journal_dir=journal, flush_interval_s=3600.0, spill_after_s=3600.0)
+    scenario(
+        tmp_path,
+        body,
+        journal_dir=journal,
+        flush_interval_s=3600.0,
+        spill_after_s=3600.0,
+        journal_retry_s=3600.0,
+    )
+
+
+def test_while_the_journal_disk_refuses_writes_memory_stays_bounded(tmp_path: Path) -> None:
+    """Rows that can go neither to the database nor to the journal wait in memory up to
+    ``max_queue``, the newest kept, as without a journal: unbounded, they would grow
+    until the process is killed and every one of them is lost."""
+    journal = tmp_path / "journal"
+
+    async def body(writer: LedgerWriter, store: Failing) -> None:
+        (lock,) = journal.glob("*.lock")
+        (journal / f"{lock.stem}.s00000001.jsonl").symlink_to("/dev/full")
+        store.down = True
+        writer.submit(usage())
+        assert not await writer.flush()
+        assert writer.journal_error is not None
+        rows = [usage() for _ in range(7)]
+        for u in rows:
+            writer.submit(u)
+        assert writer.depth == 3
+        assert (writer.billed_dropped, writer.rows_dropped, writer.rows_journaled) == (5, 5, 0)
+        assert not writer.readiness()[0]
+        # The disk takes writes again: what was kept is journaled, then stored.
+        writer.journal_retry_s = 0.0
+        assert not await writer.flush()
+        assert writer.journal_error is None and writer.journal_depth == 3
+        store.down = False
+        assert await writer.flush()
+        with sqlite3.connect(tmp_path / "ledger.db") as db:
+            ids = {r for (r,) in db.execute("SELECT request_id FROM requests")}
+        assert ids == {u.request_id for u in rows[-3:]}  # the newest three
+
+    scenario(
+        tmp_path,
+        body,
+        journal_dir=journal,
+        max_queue=3,
+        flush_interval_s=3600.0,
+        spill_after_s=3600.0,
+        journal_retry_s=3600.0,
+    )
 
 
 # -- retry pacing while the database fails --------------------------------------------------

@@ -73,6 +73,7 @@ class LedgerWriter:
         spill_after_s: float = 0.5,
         rejected_max_queue: int = 10_000,
         ready_during_outage_s: float = 30.0,
+        journal_retry_s: float = 1.0,
     ) -> None:
         self.store = store
         self.batch_size = batch_size
@@ -89,6 +90,9 @@ class LedgerWriter:
         self.ready_during_outage_s = ready_during_outage_s
         self._journal: Journal | None = None
         self.journal_error: str | None = None
+        # After the journal's disk refuses an append, the next try waits this long.
+        self.journal_retry_s = journal_retry_s
+        self._journal_failed_at = 0.0
         # Billed rows not yet stored anywhere, with the monotonic time they arrived.
         self._queue: deque[tuple[float, Usage]] = deque()
         self._rejected: deque[Usage] = deque()
@@ -325,19 +329,23 @@ class LedgerWriter:
         if not rows:
             return
         if self._journal is None:
-            excess = len(self._queue) - self.max_queue
-            for _ in range(max(excess, 0)):
-                self._queue.popleft()
-                self.rows_dropped += 1
-                self.billed_dropped += 1
-            if excess > 0:
-                log.error("ledger queue full and no journal: %d billed rows dropped", excess)
+            self._bound_memory("no journal")
+            return
+        if (
+            self.journal_error is not None
+            and time.monotonic() < self._journal_failed_at + self.journal_retry_s
+        ):
+            # The disk refused the last append: retrying on every request would serialise
+            # the whole queue each time, to fail again.
+            self._bound_memory("journal unusable")
             return
         try:
             taken = self._journal.append(rows)
         except JournalError as exc:
             self.journal_error = str(exc)
+            self._journal_failed_at = time.monotonic()
             log.error("ledger journal write failed, rows stay in memory: %s", exc)
+            self._bound_memory("journal unusable")
             return
         self.journal_error = None
         self.rows_journaled += taken
@@ -355,6 +363,19 @@ class LedgerWriter:
                 self.journal_max_bytes,
                 lost,
             )
+
+    def _bound_memory(self, why: str) -> None:
+        """Rows that can go nowhere but memory: keep the newest ``max_queue`` of them and
+        count the rest as dropped, rather than grow until the process is killed and loses
+        them all (readiness is down meanwhile, so traffic goes elsewhere)."""
+        excess = len(self._queue) - self.max_queue
+        if excess <= 0:
+            return
+        for _ in range(excess):
+            self._queue.popleft()
+        self.rows_dropped += excess
+        self.billed_dropped += excess
+        log.error("ledger queue full (%s): %d billed rows dropped", why, excess)
 
     async def _write_direct(self, batch: list[Usage]) -> bool:
         self._inflight, self._inflight_journaled = batch, False
