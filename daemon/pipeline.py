@@ -120,10 +120,12 @@ class Pipeline:
             usage.known_model = self.router.knows(model)
             self.lifecycle.check_accepting()
             plan = self.router.plan(model)
+            principal.require_model(model, as_unknown=self.hide_forbidden_models)
+            if principal.models is not None:
+                plan = plan.within(principal.models)
             deployments = plan.deployments()  # the model's, then its fallbacks'
             if surface is not None:
                 surface.check_servable(d.provider for d in deployments)
-            principal.require_model(model, as_unknown=self.hide_forbidden_models)
             for deployment in deployments:
                 deployment.fields.check(sent, model)
             # The response cache: a hit neither reserves budget nor reaches an upstream.

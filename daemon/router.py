@@ -137,6 +137,12 @@ class Plan:
     def deployments(self) -> list[Deployment]:
         return [d for leg in self.legs for d in leg.deployments]
 
+    def within(self, models: frozenset[str]) -> Plan:
+        """The plan without the fallbacks outside ``models`` (a key's allowed models):
+        a fallback must not serve, or bill at its price, a model the key may not use."""
+        legs = [leg for leg in self.legs[1:] if leg.model in models]
+        return self if len(legs) == len(self.legs) - 1 else Plan([self.legs[0], *legs])
+
 
 class Router:
     def __init__(

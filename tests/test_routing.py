@@ -53,6 +53,7 @@ from tests.helpers import (
     client_for,
     free_port,
     ledger_rows,
+    new_key,
     running,
     wait_for,
     write_config,
@@ -735,6 +736,43 @@ def test_a_journal_row_from_before_routing_reads_as_one_attempt() -> None:
     usage = usage_from_row(old, recovered=True)
     assert usage.attempts == 1 and usage.cache_result is None and usage.saved_usd == 0.0
     assert usage.cost_usd == 0.5 and usage.row_id == "row1" and usage.recovered
+
+
+def test_a_fallback_the_key_may_not_use_is_never_tried(
+    make_client: MakeClient, make_settings: Callable[..., Any]
+) -> None:
+    """A key limited to ``primary`` is not answered by ``backup`` (nor billed at its
+    price) when ``primary`` is down; a key allowed both is."""
+    good = Upstream()
+    with ServerThread(openai_upstream(good)) as up:
+        config = base_config(
+            models=[
+                openai_model("primary", f"http://127.0.0.1:{free_port()}/v1", fallbacks=["backup"]),
+                openai_model("backup", up.url + "/v1"),
+            ],
+            routing={"retries": 0},
+            monitoring={"tracing": {"enabled": False}, "health": {"probe_interval_s": 3600}},
+        )
+        client = make_client(config)
+        settings = make_settings(config)
+        narrow = new_key(settings, models=("primary",))["key"]
+        both = new_key(settings, models=("primary", "backup"))["key"]
+
+        def ask(key: str) -> httpx.Response:
+            return client.post(
+                "/v1/chat/completions",
+                json=chat("primary"),
+                headers={"authorization": f"Bearer {key}"},
+            )
+
+        refused = ask(narrow)
+        assert refused.status_code == 502, refused.text
+        assert refused.json()["error"]["code"] == "upstream_unreachable"
+        assert good.posts() == []
+        served = ask(both)
+        assert served.status_code == 200, served.text
+        assert served.headers["x-chatvault-model"] == "backup"
+        assert len(good.posts()) == 1
 
 
 def test_attempts_and_the_cache_are_told_on_the_request_span(make_client: MakeClient) -> None:
