@@ -75,10 +75,6 @@ def retry_reason(exc: GatewayError) -> str | None:
     return None
 
 
-def retryable(exc: GatewayError) -> bool:
-    return retry_reason(exc) is not None
-
-
 def retry_after_s(exc: GatewayError) -> float | None:
     """The upstream's Retry-After in seconds (the delta form), if it sent one."""
     value = exc.headers.get("Retry-After") or exc.headers.get("retry-after")

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
-from daemon.attempts import RetryPolicy, UpstreamCaller, retry_after_s, retryable
+from daemon.attempts import RetryPolicy, UpstreamCaller, retry_after_s
 from daemon.availability import Availability
 from daemon.config import ModelConfig, TracingConfig
 from daemon.deployment import Deployment
@@ -436,13 +436,6 @@ def test_an_upstream_retry_after_wins_when_longer() -> None:
     )
     complete(rig, "m")
     assert rig.sleeps == pytest.approx([3.0, 2.5, wait(3, 0.1, 0.5)])
-
-
-def test_retryable_says_whether_another_attempt_may_follow() -> None:
-    for make_error, _ in RETRYABLE:
-        assert retryable(make_error())
-    for make_other in NOT_RETRYABLE:
-        assert not retryable(make_other())
 
 
 def test_a_retry_after_that_is_not_a_delay_is_ignored() -> None:
