@@ -269,10 +269,17 @@ class ResponseCache:
         self.max_entry_bytes = max_entry_bytes
 
     async def lookup(
-        self, key_id: str, body: dict[str, Any], cache_control: str | None, usage: Usage
+        self,
+        key_id: str,
+        body: dict[str, Any],
+        cache_control: str | None,
+        usage: Usage,
+        models: frozenset[str] | None = None,
     ) -> Entry | None:
         """The cached answer, or None. Sets ``usage.cache_result`` (hit | miss | bypass |
-        error) and, when the answer should be stored, ``usage.cache_write``."""
+        error) and, when the answer should be stored, ``usage.cache_write``. An answer a
+        fallback outside ``models`` (the key's allowed models) gave is a miss: with
+        ``scope: global`` another key's request may have stored it."""
         directives = cache_control.lower() if cache_control else ""
         if "no-store" in directives or not cacheable(body, self.nondeterministic):
             usage.cache_result = "bypass"
@@ -287,6 +294,8 @@ class ResponseCache:
         except CacheUnavailable:
             usage.cache_result, usage.cache_write = "error", None
             return None
+        if entry is not None and models is not None and entry.model not in models:
+            entry = None
         usage.cache_result = "miss" if entry is None else "hit"
         trace.get_current_span().set_attribute("chatvault.cache.result", usage.cache_result)
         return entry
@@ -314,7 +323,12 @@ class DisabledCache:
     max_entry_bytes = 0
 
     async def lookup(
-        self, key_id: str, body: dict[str, Any], cache_control: str | None, usage: Usage
+        self,
+        key_id: str,
+        body: dict[str, Any],
+        cache_control: str | None,
+        usage: Usage,
+        models: frozenset[str] | None = None,
     ) -> Entry | None:
         return None
 

@@ -131,7 +131,7 @@ class Pipeline:
             # The response cache: a hit neither reserves budget nor reaches an upstream.
             if self.cache.enabled and operation == "chat":
                 entry = await self.cache.lookup(
-                    principal.key_id, body, incoming.cache_control, usage
+                    principal.key_id, body, incoming.cache_control, usage, principal.models
                 )
                 if entry is not None:
                     return self._hit(entry, usage, stream, client_wants_usage)

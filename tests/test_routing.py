@@ -775,6 +775,41 @@ def test_a_fallback_the_key_may_not_use_is_never_tried(
         assert len(good.posts()) == 1
 
 
+def test_a_cached_answer_of_a_fallback_the_key_may_not_use_is_a_miss(
+    make_client: MakeClient, make_settings: Callable[..., Any]
+) -> None:
+    """With ``cache.scope: global``, an answer ``backup`` gave another key is not served
+    from the cache to a key limited to ``primary``."""
+    good = Upstream()
+    with ServerThread(openai_upstream(good)) as up:
+        config = base_config(
+            models=[
+                openai_model("primary", f"http://127.0.0.1:{free_port()}/v1", fallbacks=["backup"]),
+                openai_model("backup", up.url + "/v1"),
+            ],
+            routing={"retries": 0},
+            cache={"enabled": True, "scope": "global"},
+            monitoring={"tracing": {"enabled": False}, "health": {"probe_interval_s": 3600}},
+        )
+        client = make_client(config)
+        settings = make_settings(config)
+        narrow = new_key(settings, models=("primary",))["key"]
+        both = new_key(settings, models=("primary", "backup"))["key"]
+        body = {**chat("primary"), "temperature": 0}
+
+        def ask(key: str) -> httpx.Response:
+            headers = {"authorization": f"Bearer {key}"}
+            return client.post("/v1/chat/completions", json=body, headers=headers)
+
+        first = ask(both)
+        assert first.headers["x-chatvault-model"] == "backup"
+        assert first.headers["x-chatvault-cache"] == "miss"
+        assert ask(both).headers["x-chatvault-cache"] == "hit"  # it was stored
+        refused = ask(narrow)
+        assert refused.status_code == 502, refused.text
+        assert len(good.posts()) == 1
+
+
 def test_attempts_and_the_cache_are_told_on_the_request_span(make_client: MakeClient) -> None:
     exporter = InMemorySpanExporter()
     good = Upstream()
