@@ -183,5 +183,6 @@ class Pipeline:
             user_type=principal.user_type,
             operation=operation,
             model="",
+            known_model=False,  # until the body names one the router knows
             perf_start=time.perf_counter(),
         )

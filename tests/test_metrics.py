@@ -195,6 +195,22 @@ def test_unknown_models_do_not_create_series(traffic: Any) -> None:
     assert models == {"mock", "pricey", "unknown"}
 
 
+def test_a_request_refused_before_it_names_a_model_counts_as_unknown(
+    make_client: MakeClient, admin_headers: dict[str, str]
+) -> None:
+    client = make_client(base_config())
+    for body in (b"{not json", b'{"model": 7, "messages": []}'):
+        r = client.post("/v1/chat/completions", content=body, headers=admin_headers)
+        assert r.status_code == 400, r.text
+    text = client.get("/metrics", headers=admin_headers).text
+    models = {labels["model"] for labels, _ in samples(text, "chatvault_model_requests_total")}
+    assert models == {"unknown"}
+    assert (
+        total(text, "chatvault_model_requests_total", model="unknown", status="invalid_request")
+        == 2
+    )
+
+
 def test_labels_are_bounded_and_carry_no_secrets(traffic: Any) -> None:
     daemon, _, text = traffic
     assert ADMIN_KEY not in text and "cv-bad" not in text and "zebra" not in text
