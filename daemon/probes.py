@@ -27,6 +27,10 @@ from daemon.config import ConfigError, load_config
 from daemon.ledger.base import Store, StoreCheck
 from daemon.tracing import AnyTracing, start_span
 
+# CPU time moves in clock ticks (10 ms): read over a few milliseconds, one tick came out
+# as 487 % on a 2-core machine right after start. A reading covers at least this long.
+CPU_MIN_INTERVAL_S = 1.0
+
 
 class Probes:
     def __init__(
@@ -61,6 +65,7 @@ class Probes:
         self.metrics_error: str | None = None
         self.process = psutil.Process()
         self.process.cpu_percent(None)  # the first reading is meaningless; prime it
+        self._cpu_read_at = time.monotonic()
         self.cpu_percent = 0.0
         self._round_lock = asyncio.Lock()
         self.after_round: list[Callable[[], None]] = []  # e.g. refresh the health metrics
@@ -83,7 +88,10 @@ class Probes:
             finally:
                 round_span.end()
             self._check_config_file()
-            self.cpu_percent = self.process.cpu_percent(None)
+            now = time.monotonic()
+            if now - self._cpu_read_at >= CPU_MIN_INTERVAL_S:
+                self.cpu_percent = self.process.cpu_percent(None)
+                self._cpu_read_at = now
             if self.count_series is not None:
                 # Collecting every series (and, with workers, reading their files) is
                 # done here, off the loop, never per /health call.

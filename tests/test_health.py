@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,21 @@ def test_healthy_body_has_the_documented_shape(make_client: MakeClient) -> None:
         "event_loop_lag",
     }
     assert body["performance"]["memory_usage_mb"] > 10
+
+
+def test_cpu_percent_is_a_reading_over_at_least_a_second(make_client: MakeClient) -> None:
+    """Check rounds milliseconds apart never report one clock tick over a few
+    milliseconds (hundreds of percent); after a second of this process burning one core,
+    the reading shows it (the bound is low: the machine is shared)."""
+    ceiling = 100 * (os.cpu_count() or 1) + 10
+    client = make_client(config())
+    for _ in range(5):
+        assert 0 <= fresh(client)[1]["performance"]["cpu_percent"] <= ceiling
+    burn_until = time.monotonic() + 1.2
+    while time.monotonic() < burn_until:
+        pass
+    cpu = fresh(client)[1]["performance"]["cpu_percent"]
+    assert 25 <= cpu <= ceiling, cpu
 
 
 def test_public_body_shows_statuses_only(tmp_path: Path, make_client: MakeClient) -> None:
