@@ -328,7 +328,8 @@ def _client(
     insecure: bool,
     api_key: str | None = None,
 ) -> Any:
-    """The daemon's client, or exit 2 for a bad key or keys bound for plain HTTP, 3 for a bad URL."""
+    """The daemon's client; exit 4 for a malformed key or keys bound for plain HTTP (not
+    2, which ``health`` means as unhealthy), 3 for a bad URL."""
     from chatvault_cli.client import DaemonClient, Unreachable, exposes_keys, insecure_message
     from chatvault_cli.locate import find_target
     from chatvault_cli.safety import BadKey
@@ -337,7 +338,7 @@ def _client(
         target = find_target(url=url, admin_key=admin_key, config_path=config)
     except BadKey as exc:
         render.error(err, str(exc))
-        raise typer.Exit(2) from None
+        raise typer.Exit(NOT_AUTHORIZED) from None
     try:
         client = DaemonClient(
             target.url, admin_key=target.admin_key, timeout=timeout, insecure=insecure
@@ -350,7 +351,7 @@ def _client(
     ]
     if keys and not insecure and exposes_keys(client.url):
         render.error(err, insecure_message(client.url, " and ".join(keys)))
-        raise typer.Exit(2)
+        raise typer.Exit(NOT_AUTHORIZED)
     return client
 
 
@@ -625,14 +626,14 @@ def smoke(
         api_key = check_key(flag, "--key") if flag else env and check_key(env, "CHATVAULT_API_KEY")
     except BadKey as exc:
         render.error(err, str(exc))
-        raise typer.Exit(2) from None
+        raise typer.Exit(NOT_AUTHORIZED) from None
     if not api_key:
         render.error(
             err,
             "smoke needs an API key for its test calls: pass --key or set CHATVAULT_API_KEY "
             "(it does not use the admin key)",
         )
-        raise typer.Exit(2)
+        raise typer.Exit(NOT_AUTHORIZED)
     client = _client(url, admin_key, config, timeout, insecure, api_key)
     checks = run_smoke(client, api_key=api_key, model=model, fail_on=fail_on)
     render.smoke_results(out, client.url, checks)

@@ -91,7 +91,7 @@ def test_a_key_broken_inside_is_refused_without_printing_it(daemon: Daemon) -> N
     ):
         result = cli(*args, env=env)
         text = output(result)
-        assert result.returncode == 2, text
+        assert result.returncode == 4, text  # not 2: health means unhealthy by it
         assert "Traceback" not in text and len(result.stderr.strip().splitlines()) == 1, text
         assert "whitespace or a control character" in text
         assert "first-half" not in text and "second-half" not in text, text
@@ -186,7 +186,7 @@ def test_keys_are_not_sent_over_plain_http_to_another_host_without_insecure() ->
         (("smoke", "--url", url, "--key", API_KEY), {"CHATVAULT_ADMIN_KEY": ""}, "the API key"),
     ):
         result = cli(*args, env=env)
-        assert result.returncode == 2, output(result)
+        assert result.returncode == 4, output(result)
         (line,) = result.stderr.strip().splitlines()
         assert f"refusing to send {what}" in line and "--insecure" in line, line
         assert "gateway.example.invalid:8000" in line and "https://" in line
@@ -215,7 +215,7 @@ def test_insecure_sends_the_key_to_a_remote_http_daemon(tmp_path: Path) -> None:
     with running(tmp_path, config) as daemon:
         url = f"http://{address}:{daemon.port}"
         refused = cli("health", "--url", url, "--json", env=ENV)
-        assert refused.returncode == 2 and "--insecure" in refused.stderr
+        assert refused.returncode == 4 and "--insecure" in refused.stderr
         allowed = cli("health", "--url", url, "--json", "--insecure", env=ENV)
         assert allowed.returncode == 0, output(allowed)
         assert "admin_key_source" in json.loads(allowed.stdout)["components"]["authentication"]
@@ -231,7 +231,7 @@ def test_insecure_sends_the_key_to_a_remote_http_daemon(tmp_path: Path) -> None:
 
 def test_smoke_does_not_use_the_admin_key_for_its_calls(daemon: Daemon) -> None:
     result = cli("smoke", "--url", daemon.url, env={**ENV, "CHATVAULT_API_KEY": ""})
-    assert result.returncode == 2, output(result)
+    assert result.returncode == 4, output(result)
     (line,) = result.stderr.strip().splitlines()
     assert "--key" in line and "CHATVAULT_API_KEY" in line and "admin key" in line
 
