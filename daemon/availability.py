@@ -47,8 +47,12 @@ def deployment_label(d: Deployment) -> str:
 
 @dataclass
 class UpstreamState:
-    name: str  # "ollama localhost:11434"
+    name: str  # "ollama localhost:11434" (health, for the admin)
     url: str  # what is probed (shown to the admin only)
+    # The metric label: the provider and the first deployment on this server
+    # ("ollama models[0]"), never its host, which may be an address /metrics should not
+    # show (the public /health does not either).
+    label: str
     deployments: list[Deployment] = field(default_factory=list)
     checked_at: float | None = None
     reachable: bool | None = None  # None: not probed yet
@@ -95,7 +99,8 @@ class Availability:
             state = self.upstreams.get(key)
             if state is None:
                 url = getattr(d.provider, "probe_url", None) or d.config.api_base or ""
-                state = self.upstreams[key] = UpstreamState(key, url)
+                label = f"{d.provider_name} {deployment_label(d)}"
+                state = self.upstreams[key] = UpstreamState(key, url, label)
             state.deployments.append(d)
             self._upstream_of[d.index] = state
 

@@ -304,7 +304,7 @@ class Gateway:
     def _sample_health(self) -> None:
         self.metrics.sample_health(
             self.health.statuses(),
-            {u.name: u.reachable for u in self.availability.upstreams.values()},
+            {u.label: u.reachable for u in self.availability.upstreams.values()},
         )
 
     async def _business_loop(self) -> None:

@@ -126,7 +126,9 @@ def test_an_upstream_refusing_connections_degrades(make_client: MakeClient) -> N
     assert models["status"] == "degraded"
     assert models["models"]["mock"]["available"] and not models["models"]["remote"]["available"]
     metrics = client.get("/metrics", headers=ADMIN).text
-    assert 'chatvault_upstream_up{upstream="openai 127.0.0.1:' in metrics
+    # Named by its provider and first deployment: no host or address in a label.
+    assert 'chatvault_upstream_up{upstream="openai models[1]"} 0.0' in metrics
+    assert "127.0.0.1" not in metrics
     assert 'chatvault_health_status{component="overall"} 1.0' in metrics
 
 
