@@ -9,32 +9,14 @@ a database stands. Exit codes: 0 done, 1 the database cannot be used or migrated
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
 from chatvault_cli import render
+from chatvault_cli.common import ConfigOption, JsonOption, err, load_settings, out, print_json
 
 db_app = typer.Typer(help="The ledger database's schema: version and migrations.")
-
-out = render.make_console()
-err = render.make_console(stderr=True)
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config", "-c", help="Config file [default: $CHATVAULT_CONFIG or ./config.yaml]"
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
-
-
-def _settings(config: Path | None) -> Any:
-    from chatvault_cli.main import _settings as load  # the one config loader of the CLI
-
-    return load(config)
 
 
 def _run(settings: Any, migrate: bool) -> dict[str, Any]:
@@ -72,9 +54,7 @@ def _run(settings: Any, migrate: bool) -> dict[str, Any]:
 
 def _print(result: dict[str, Any], json_out: bool) -> None:
     if json_out:
-        import json
-
-        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        print_json(result)
         return
     out.print(f"ledger: {result['backend']} {result['location']}", soft_wrap=True, markup=False)
     for m in result["applied_now"]:
@@ -99,10 +79,10 @@ def _print(result: dict[str, Any], json_out: bool) -> None:
 @db_app.command("status")
 def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
     """The schema version and the migrations still pending (changes nothing)."""
-    _print(_run(_settings(config), migrate=False), json_out)
+    _print(_run(load_settings(config), migrate=False), json_out)
 
 
 @db_app.command("migrate")
 def migrate(config: ConfigOption = None, json_out: JsonOption = False) -> None:
     """Apply pending migrations, under a lock (safe while daemons start or run)."""
-    _print(_run(_settings(config), migrate=True), json_out)
+    _print(_run(load_settings(config), migrate=True), json_out)
