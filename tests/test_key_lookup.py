@@ -242,9 +242,9 @@ def test_the_refresh_loop_reports_the_store_and_recovers(tmp_path: Path) -> None
         # Between generations the loop still brings other replicas' committed spend.
         key_id, _ = await w.key(name="spender")
         await eventually(lambda: any(key_id in s for s in w.spend))
+        assert "chatvault-key-refresh" in {t.get_name() for t in asyncio.all_tasks()}
         await w.auth.aclose()  # the refresh stops with it
-        names = {t.get_name() for t in asyncio.all_tasks()}
-        assert "chatvault-key-refresh" not in names
+        assert "chatvault-key-refresh" not in {t.get_name() for t in asyncio.all_tasks()}
 
     scenario(tmp_path, body, refresh_interval_s=0.01)
 

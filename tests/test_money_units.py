@@ -326,6 +326,19 @@ def test_reservation_handles_are_distinct_and_settle_only_their_own_amount() -> 
     assert book.reserved("k") == 0.0 and book.spent("k") == pytest.approx(0.5)
 
 
+def test_settling_reservations_of_a_free_model_leaves_nothing_reserved() -> None:
+    """A model without a price reserves 0. Two such requests of one key in flight, both
+    settled: nothing stays reserved or spent, and the whole budget is still there (the
+    first settle already removed the key's entry; the second must not bring one back)."""
+    book = SpendBook()
+    handles = [book.reserve("k", 1.0, 0.0)[1] for _ in range(2)]
+    for handle in handles:
+        book.settle("k", handle, 0.0)
+    assert book.reserved("k") == 0.0 and book.spent("k") == 0.0
+    verdict, _ = book.reserve("k", 1.0, 1.0)
+    assert verdict.allowed
+
+
 def test_budget_arithmetic_at_its_edges() -> None:
     assert judge(1.0, 0.5, 0.0, 0.6).exhausted is False
     assert (

@@ -263,3 +263,77 @@ def test_the_upstream_is_asked_for_usage_keeping_the_clients_stream_options() ->
     empty: dict[str, Any] = {"stream_options": None}
     ask_for_usage(empty)
     assert empty["stream_options"] == {"include_usage": True}
+
+
+# -- a stream that ends early, cleanly ----------------------------------------------------
+
+INCOMPLETE = (
+    "The upstream ended the stream before the answer was complete (no finish_reason, no [DONE])."
+)
+
+
+def error_of(piece: bytes) -> dict[str, Any]:
+    assert piece.startswith(b"data: ")
+    error: dict[str, Any] = json.loads(piece[len(b"data: ") :])["error"]
+    return error
+
+
+@pytest.mark.parametrize(
+    "batches",
+    [
+        [],  # nothing at all
+        [[chunk("", role="assistant")], [chunk("Hel"), chunk("lo")]],  # words, then a close
+        [[chunk("Hel")], []],  # an empty batch last: the last event seen still counts
+    ],
+)
+def test_a_stream_closed_without_finish_reason_or_done_ends_with_an_error_event(
+    batches: list[list[bytes]],
+) -> None:
+    out, finished, usage = run(batches, StreamTally())
+    assert finished == [usage]
+    error = error_of(out[-1])
+    assert error["message"] == INCOMPLETE and error["code"] == "upstream_incomplete"
+    assert (usage.status_code, usage.error_type) == (502, "upstream_incomplete")
+    assert usage.estimated_reason == "stream_incomplete"
+
+
+@pytest.mark.parametrize(
+    "batches",
+    [
+        [[chunk("Hel"), chunk("lo")], [DONE]],  # [DONE] without a finish_reason
+        [[chunk("Hel")], [chunk("lo"), b"data: [DONE]\r\n\r\n"]],  # other line ends
+        [[chunk("Hello", "stop")]],  # a finish_reason without [DONE]
+    ],
+)
+def test_a_stream_with_finish_reason_or_done_is_complete(batches: list[list[bytes]]) -> None:
+    out, finished, usage = run(batches, StreamTally())
+    assert finished == [usage] and usage.ok and usage.status_code == 200
+    assert all(b'"error"' not in piece for piece in out)
+    assert usage.estimated_reason == "stream_cut_before_usage"  # no usage chunk came
+
+
+def test_an_upstream_that_fails_to_close_does_not_change_the_outcome() -> None:
+    class Unclosable:
+        def __init__(self) -> None:
+            self.items = [[chunk("Hi", "stop")], [USAGE_CHUNK, DONE]]
+
+        def __aiter__(self) -> Unclosable:
+            return self
+
+        async def __anext__(self) -> list[bytes]:
+            if not self.items:
+                raise StopAsyncIteration
+            return self.items.pop(0)
+
+        async def aclose(self) -> None:
+            raise ConnectionResetError("the upstream connection is already gone")
+
+    usage, finished = new_usage(), []
+
+    async def go() -> list[bytes]:
+        return [p async for p in relay(Unclosable(), StreamTally(), usage, finished.append)]
+
+    out = asyncio.run(go())
+    assert finished == [usage] and usage.ok
+    assert usage.tokens == TokenCounts(input=40, output=7, cached=32)
+    assert b"".join(out).endswith(DONE)

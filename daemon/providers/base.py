@@ -100,14 +100,12 @@ def responses_tokens(usage: Any) -> TokenCounts:
     """Token counts from the Responses API's ``usage`` (input/output naming)."""
     if not isinstance(usage, dict):
         return TokenCounts()
-    prompt = usage.get("input_tokens_details")
-    completion = usage.get("output_tokens_details")
-    return TokenCounts.from_openai(
+    return TokenCounts.from_openai(  # which tolerates details that are not objects
         {
             "prompt_tokens": usage.get("input_tokens"),
             "completion_tokens": usage.get("output_tokens"),
-            "prompt_tokens_details": prompt if isinstance(prompt, dict) else {},
-            "completion_tokens_details": completion if isinstance(completion, dict) else {},
+            "prompt_tokens_details": usage.get("input_tokens_details"),
+            "completion_tokens_details": usage.get("output_tokens_details"),
         }
     )
 
