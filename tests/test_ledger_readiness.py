@@ -11,12 +11,15 @@ for conditions, with deadlines."""
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from itertools import pairwise
 from pathlib import Path
+
+import pytest
 
 from daemon.ledger.sqlite import SQLiteStore
 from daemon.ledger.writer import LedgerWriter
@@ -500,10 +503,13 @@ def test_a_journal_disk_that_refuses_writes_keeps_the_rows_in_memory(tmp_path: P
     )
 
 
-def test_while_the_journal_disk_refuses_writes_memory_stays_bounded(tmp_path: Path) -> None:
+def test_while_the_journal_disk_refuses_writes_memory_stays_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Rows that can go neither to the database nor to the journal wait in memory up to
     ``max_queue``, the newest kept, as without a journal: unbounded, they would grow
-    until the process is killed and every one of them is lost."""
+    until the process is killed and every one of them is lost. Each drop is logged as
+    an error; a queue that just reached its bound drops, and logs, nothing."""
     journal = tmp_path / "journal"
 
     async def body(writer: LedgerWriter, store: Failing) -> None:
@@ -518,6 +524,8 @@ def test_while_the_journal_disk_refuses_writes_memory_stays_bounded(tmp_path: Pa
             writer.submit(u)
         assert writer.depth == 3
         assert (writer.billed_dropped, writer.rows_dropped, writer.rows_journaled) == (5, 5, 0)
+        logged = [re.search(r"(\d+) billed rows dropped", r.getMessage()) for r in caplog.records]
+        assert [int(m[1]) for m in logged if m] == [1] * 5
         assert not writer.readiness()[0]
         # The disk takes writes again: what was kept is journaled, then stored.
         writer.journal_retry_s = 0.0
