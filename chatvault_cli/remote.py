@@ -4,9 +4,11 @@ litellm, so they start fast."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -67,6 +69,22 @@ def _client(
         render.error(err, insecure_message(client.url, " and ".join(keys)))
         raise typer.Exit(NOT_AUTHORIZED)
     return client
+
+
+@contextlib.contextmanager
+def _daemon_refusals() -> Iterator[None]:
+    """A daemon that refuses the admin key exits 4; one that is not there, or is not a
+    ChatVault, exits 3. Either way one line on stderr."""
+    from chatvault_cli.client import NotChatVault, Unreachable
+
+    try:
+        yield
+    except PermissionError as exc:
+        render.error(err, str(exc))
+        raise typer.Exit(NOT_AUTHORIZED) from None
+    except (Unreachable, NotChatVault) as exc:
+        render.error(err, str(exc))
+        raise typer.Exit(UNREACHABLE) from None
 
 
 def health_exit_code(status: str, fail_on: str) -> int:
@@ -216,44 +234,39 @@ def metrics_top(
             "rows": rows,
         }
 
-    try:
-        previous = scrape()
-        if once:
-            _time.sleep(interval)
-            payload = snapshot_payload(previous, scrape())
+    with _daemon_refusals():
+        try:
+            previous = scrape()
+            if once:
+                _time.sleep(interval)
+                payload = snapshot_payload(previous, scrape())
+                if json_out:
+                    print_json(payload)
+                else:
+                    out.print(render.top_view(payload["rows"], by, payload, interval))
+                return
             if json_out:
-                print_json(payload)
-            else:
-                out.print(render.top_view(payload["rows"], by, payload, interval))
+                while True:
+                    _time.sleep(interval)
+                    current = scrape()
+                    line = json.dumps(snapshot_payload(previous, current))
+                    sys.stdout.write(redact(line) + "\n")
+                    sys.stdout.flush()
+                    previous = current
+            with render.live(out, screen=out.is_terminal) as live:
+                while True:
+                    _time.sleep(interval)
+                    current = scrape()
+                    payload = snapshot_payload(previous, current)
+                    trends.add(payload["rows"])
+                    view = render.top_view(payload["rows"], by, payload, interval, trends.view())
+                    live.update(view, refresh=True)
+                    previous = current
+        except KeyboardInterrupt:
             return
-        if json_out:
-            while True:
-                _time.sleep(interval)
-                current = scrape()
-                line = json.dumps(snapshot_payload(previous, current))
-                sys.stdout.write(redact(line) + "\n")
-                sys.stdout.flush()
-                previous = current
-        with render.live(out, screen=out.is_terminal) as live:
-            while True:
-                _time.sleep(interval)
-                current = scrape()
-                payload = snapshot_payload(previous, current)
-                trends.add(payload["rows"])
-                view = render.top_view(payload["rows"], by, payload, interval, trends.view())
-                live.update(view, refresh=True)
-                previous = current
-    except KeyboardInterrupt:
-        return
-    except PermissionError as exc:
-        render.error(err, str(exc))
-        raise typer.Exit(NOT_AUTHORIZED) from None
-    except (Unreachable, NotChatVault) as exc:
-        render.error(err, str(exc))
-        raise typer.Exit(UNREACHABLE) from None
-    except promtext.ParseError as exc:
-        render.error(err, f"{client.url}/metrics is not valid Prometheus text: {exc}")
-        raise typer.Exit(UNREACHABLE) from None
+        except promtext.ParseError as exc:
+            render.error(err, f"{client.url}/metrics is not valid Prometheus text: {exc}")
+            raise typer.Exit(UNREACHABLE) from None
 
 
 # What a malformed answer from a server raises while it is picked apart.
@@ -286,17 +299,9 @@ def traces_status(
     """Where spans go and whether they get there: exported, failed, dropped, queue, last error."""
     import time as _time
 
-    from chatvault_cli.client import NotChatVault, Unreachable
-
     client = _client(url, admin_key, config, timeout, insecure)
-    try:
+    with _daemon_refusals():
         status = client.traces_status()
-    except PermissionError as exc:
-        render.error(err, str(exc))
-        raise typer.Exit(NOT_AUTHORIZED) from None
-    except (Unreachable, NotChatVault) as exc:
-        render.error(err, str(exc))
-        raise typer.Exit(UNREACHABLE) from None
     if json_out:
         print_json(
             {
