@@ -466,7 +466,3 @@ class LedgerWriter:
         for observer in self.observers:
             observer.batch_written(fresh, elapsed, totals)
         return True
-
-
-# The budget book moved to daemon.budget; older imports of it from here keep working.
-from daemon.budget import SpendBook as SpendBook  # noqa: E402
