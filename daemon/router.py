@@ -140,6 +140,8 @@ class Plan:
     def within(self, models: frozenset[str]) -> Plan:
         """The plan without the fallbacks outside ``models`` (a key's allowed models):
         a fallback must not serve, or bill at its price, a model the key may not use."""
+        if len(self.legs) == 1:  # no fallbacks, the common case: nothing to build
+            return self
         legs = [leg for leg in self.legs[1:] if leg.model in models]
         return self if len(legs) == len(self.legs) - 1 else Plan([self.legs[0], *legs])
 
